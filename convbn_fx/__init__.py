@@ -1,0 +1,23 @@
+"""convbn_fx: a torch.fx pass that makes Conv→BatchNorm blocks cheap to fine-tune.
+
+    model = convbn_fx.tune_mode(torch.fx.symbolic_trace(model))   # or tune_mode(model)
+
+After You et al., "Efficient ConvBN Blocks for Transfer Learning and Beyond" (ICLR 2024,
+arXiv 2305.11624).
+"""
+
+from .api import describe, tune_mode
+from .blocks import BlockInfo
+from .errors import ConvBNError, LoweringError, ModeError, TraceError
+from .kinds import declare_safe
+from .modes import Mode
+from .passes import get_lowerings, register_lowering
+from .tuned import TunedGraphModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tune_mode", "describe", "Mode", "BlockInfo", "register_lowering", "get_lowerings",
+    "declare_safe", "TunedGraphModule", "ConvBNError", "TraceError", "ModeError",
+    "LoweringError",
+]

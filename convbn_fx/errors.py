@@ -1,0 +1,26 @@
+"""Exceptions raised by convbn_fx.
+
+Every error a user can cause is one of these, with one sentence that names the fix, so that a
+mistake never surfaces as a traceback from deep inside torch.fx or ATen.
+"""
+
+__all__ = ["ConvBNError", "TraceError", "ModeError", "LoweringError"]
+
+
+class ConvBNError(Exception):
+    """Base class: bad input to a convbn_fx entry point."""
+
+
+class TraceError(ConvBNError):
+    """The model (or no part of it) could be traced by torch.fx."""
+
+
+class ModeError(ConvBNError, ValueError):
+    """An unknown mode, or a forced mode that is wrong for a block's current state."""
+
+
+class LoweringError(ConvBNError, KeyError):
+    """No lowering is registered for a mode."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,60 @@
+"""The four ways a ConvBN block can run, and the rule that picks one from module state.
+
+After You et al., "Efficient ConvBN Blocks for Transfer Learning and Beyond" (ICLR 2024,
+arXiv 2305.11624), section 3: Train uses batch statistics, Eval running statistics, Deploy folds
+BN into constant conv weights and Tune folds it into the conv weight on every call so that
+gradients still reach the block's parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, Union
+
+from .errors import ModeError
+
+__all__ = ["Mode", "auto_mode", "ModeArg", "normalize_mode"]
+
+
+class Mode(enum.Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+    DEPLOY = "deploy"
+    TUNE = "tune"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# What `tune_mode(mode=...)` accepts: "auto", a Mode or its value, or a per-block policy.
+ModeArg = Union[str, Mode, Callable[..., Union[Mode, None]]]
+
+
+def auto_mode(uses_batch_stats: bool, requires_grad: bool) -> Mode:
+    """The `auto` rule, per block, from its current module state.
+
+    BN that normalises with batch statistics (training mode, or no running statistics) must
+    stay TRAIN. Frozen BN folds: TUNE while any conv/BN parameter trains, DEPLOY (constant
+    folded weights, computed once) when none does. EVAL is never picked: it is the reference.
+    """
+    if uses_batch_stats:
+        return Mode.TRAIN
+    return Mode.TUNE if requires_grad else Mode.DEPLOY
+
+
+def normalize_mode(mode: ModeArg) -> Mode | str | Callable:
+    """Return a Mode, the string "auto", or the policy callable; reject anything else."""
+    if isinstance(mode, Mode) or callable(mode):
+        return mode
+    if isinstance(mode, str):
+        if mode == "auto":
+            return "auto"
+        try:
+            return Mode(mode.lower())
+        except ValueError:
+            pass
+    choices = ", ".join(repr(m.value) for m in Mode)
+    raise ModeError(
+        f"mode={mode!r} is not a mode: pass 'auto', one of {choices}, a convbn_fx.Mode, "
+        "or a callable (BlockInfo) -> Mode | None."
+    )

@@ -1,0 +1,25 @@
+"""TUNE: BN folded into the conv weight on every call (You et al., arXiv 2305.11624, eq. 4).
+
+`s = γ·rsqrt(var+ε)`, `b' = β + s·(b − μ)`, `y = conv(x, W·s, b')`. Gradients reach W, b, γ and
+β exactly as in Eval, but the conv output is no longer kept for BN's backward and BN's
+elementwise pass is gone. `conv_scaled` recomputes `W·s` in backward rather than keeping it,
+so a training step saves about what Deploy saves.
+"""
+
+import torch.fx
+
+from ..blocks import Block
+from ..folding import conv_scaled
+from ..modes import Mode
+from .emit import call, conv_args, conv_input, scale_and_bias, tensors
+from .registry import register_lowering
+
+__all__ = ["lower_tune"]
+
+
+@register_lowering(Mode.TUNE)
+def lower_tune(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
+    t = tensors(graph, block)
+    scale, bias = scale_and_bias(graph, block, t)
+    return call(graph, conv_scaled, (conv_input(graph, block), t["weight"], scale, bias),
+                conv_args(block), name=f"{block.bn.replace('.', '_')}_tune")

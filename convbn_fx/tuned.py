@@ -1,0 +1,217 @@
+"""TunedGraphModule: a GraphModule whose conv→BN blocks follow the model's current state.
+
+The lowering that is right for a block depends on module state that users change freely
+after the rewrite: `model.train()`, `bn.eval()` on one submodule, `requires_grad_()`, a model
+traced while a `self.training` branch went one way. Before every call, a cheap check compares
+that state with the state the current code was generated for; when it differs, the blocks are
+lowered again from the untouched template graph and the module recompiled. So `code` always
+shows plain torch ops for the lowerings in effect, and the result is never stale.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .blocks import Block, BlockInfo
+from .errors import ModeError
+from .kinds import is_frozen_bn
+from .matching import find_blocks
+from .modes import Mode, auto_mode
+from .passes import registry_version
+from .rewrite import copy_graph, lower_graph
+from .tracing import reads_training_flag, trace
+
+__all__ = ["TunedGraphModule"]
+
+log = logging.getLogger(__name__)
+
+
+def _call_checked(self, *args, **kwargs):
+    # Installed as the class's __call__ by recompile(): the per-call state check.
+    if self._convbn_state() != self._convbn_key:
+        self._convbn_relower()
+    return self._wrapped_call(self, *args, **kwargs)
+
+
+def _traced_through_branchy(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list:
+    """Modules the tracer went through (not called as leaves) whose code reads `training`."""
+    called = {n.target for n in template.nodes if n.op == "call_module"}
+    found = [gm] if reads_training_flag(gm._convbn_source) else []
+    for name, m in gm.named_modules():
+        parts = name.split(".")
+        if not name or any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
+            continue
+        if reads_training_flag(m):
+            found.append(m)
+    return found
+
+
+class TunedGraphModule(torch.fx.GraphModule):
+    """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
+
+    def __init__(self, root: nn.Module, traced: torch.fx.GraphModule, mode,
+                 source: nn.Module | None = None):
+        super().__init__(traced, traced.graph, type(root).__name__)
+        # Hold the root's whole module tree, not just the modules the graph calls, so the
+        # state_dict keys (and unused submodules) are exactly the input's.
+        for name, child in root.named_children():
+            setattr(self, name, child)
+        for name, p in root.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in root.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
+        self.training = root.training
+        self._convbn_mode = mode
+        self._convbn_source = source      # retraced when a `self.training` branch flips
+        self._convbn_key = None
+        self._convbn_lowerings: list[Mode | None] = []
+        self._convbn_set_template(traced.graph)
+        self._convbn_relower(strict=True)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _convbn_set_template(self, template: torch.fx.Graph) -> None:
+        self._convbn_template = template
+        self._convbn_blocks: list[Block] = find_blocks(template, self)
+        foldable = [b for b in self._convbn_blocks if b.foldable]
+        mods = {id(m): m for b in foldable
+                for m in (self.get_submodule(b.conv), self.get_submodule(b.bn))}
+        self._convbn_bns = [self.get_submodule(b.bn) for b in foldable
+                            if not is_frozen_bn(self.get_submodule(b.bn))]
+        self._convbn_owners = list(mods.values())  # parameters are read through these
+        self._convbn_branchy = _traced_through_branchy(self, template) \
+            if self._convbn_source is not None else []
+
+    def _convbn_state(self) -> tuple:
+        """Everything the chosen lowerings depend on; cheap enough to compute every call."""
+        return (
+            [bn.training for bn in self._convbn_bns],
+            [p.requires_grad for m in self._convbn_owners for p in m._parameters.values()
+             if p is not None],
+            [m.training for m in self._convbn_branchy],
+            registry_version(),
+        )
+
+    def _convbn_uses_batch_stats(self, bn: nn.Module) -> bool:
+        return not is_frozen_bn(bn) and (bn.training or bn.running_mean is None)
+
+    def _convbn_requires_grad(self, block: Block) -> bool:
+        return any(p.requires_grad for name in (block.conv, block.bn)
+                   for p in self.get_submodule(name)._parameters.values() if p is not None)
+
+    # -- lowering --------------------------------------------------------------------------
+
+    def _convbn_choose(self, block: Block, strict: bool) -> Mode | None:
+        if not block.foldable:
+            return None
+        batch_stats = self._convbn_uses_batch_stats(self.get_submodule(block.bn))
+        requires_grad = self._convbn_requires_grad(block)
+        auto = auto_mode(batch_stats, requires_grad)
+        mode = self._convbn_mode
+        if mode == "auto":
+            return auto
+        if isinstance(mode, Mode):
+            wanted = mode
+        else:
+            wanted = mode(BlockInfo(block.conv, block.bn, block.kind, auto, None))
+            if wanted is None:
+                return None
+            try:
+                wanted = Mode(wanted)
+            except ValueError:
+                raise ModeError(f"the mode policy returned {wanted!r} for block {block.bn}; "
+                                "it must return a convbn_fx.Mode or None.") from None
+        problem = None
+        if batch_stats and wanted is not Mode.TRAIN:
+            problem = (f"{wanted} needs running statistics but BN {block.bn} normalises with "
+                       f"batch statistics; call .eval() on it first, or use mode='auto'")
+        elif wanted is Mode.DEPLOY and requires_grad:
+            problem = (f"DEPLOY folds {block.bn} into constant weights, so its trainable "
+                       f"parameters would get no gradient; freeze them with requires_grad_(False), "
+                       f"or use mode='tune'")
+        if problem is None:
+            return wanted
+        if strict:
+            raise ModeError(problem + ".")
+        log.warning("%s; using %s for this block instead", problem, auto)
+        return auto
+
+    @torch.compiler.disable
+    def _convbn_relower(self, strict: bool = False) -> None:
+        """Lower every block for the current state and recompile (only when state changed)."""
+        if self._convbn_source is not None and self._convbn_key is not None \
+                and self._convbn_key[2] != [m.training for m in self._convbn_branchy]:
+            self._convbn_source.training = self.training  # the root's flag lives on self
+            self._convbn_set_template(trace(self._convbn_source).graph)
+        lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
+        key = self._convbn_state()
+        if lowerings != self._convbn_lowerings or key[2:] != (self._convbn_key or ())[2:]:
+            self.graph = lower_graph(self._convbn_template, self._convbn_blocks, lowerings)
+            log.debug("%s relowered: %s", type(self).__name__, lowerings)
+        self._convbn_lowerings = lowerings
+        self._convbn_key = key
+
+    def recompile(self):
+        code = super().recompile()
+        type(self).__call__ = _call_checked
+        return code
+
+    # -- copying ---------------------------------------------------------------------------
+
+    def _deepcopy_init(self):
+        def init(res, fake_mod, graph):
+            torch.fx.GraphModule.__init__(res, fake_mod, graph, type(self).__name__)
+            body = fake_mod.__dict__  # the deep-copied __dict__: restore the whole tree
+            for name, child in body["_modules"].items():
+                setattr(res, name, child)
+            res._parameters.update(body["_parameters"])
+            res._buffers.update(body["_buffers"])
+            res._non_persistent_buffers_set = set(body["_non_persistent_buffers_set"])
+            res.training = body["training"]
+        return init
+
+    def __deepcopy__(self, memo):
+        # Blocks hold graph nodes, which deepcopy cannot map; copy the rest, then re-derive.
+        extra = {k: self.__dict__.pop(k) for k in list(self.__dict__) if k.startswith("_convbn_")}
+        try:
+            res = super().__deepcopy__(memo)
+        finally:
+            self.__dict__.update(extra)
+        res._convbn_mode = extra["_convbn_mode"]
+        res._convbn_source = copy.deepcopy(extra["_convbn_source"], memo)
+        res._convbn_key, res._convbn_lowerings = None, []
+        res._convbn_set_template(copy_graph(extra["_convbn_template"])[0])
+        res._convbn_relower()
+        return res
+
+    # -- public ----------------------------------------------------------------------------
+
+    def block_infos(self, prefix: str = "") -> list[BlockInfo]:
+        """BlockInfo for each block, for the state the model is in now."""
+        if self._convbn_state() != self._convbn_key:
+            self._convbn_relower()
+        pre = f"{prefix}." if prefix else ""
+        return [BlockInfo(pre + b.conv, pre + b.bn, b.kind, lowering, b.reason)
+                for b, lowering in zip(self._convbn_blocks, self._convbn_lowerings)]
+
+    def with_mode(self, mode) -> "TunedGraphModule":
+        """A new TunedGraphModule over the same modules, lowered by another mode rule."""
+        traced = torch.fx.GraphModule(self, copy_graph(self._convbn_template)[0])
+        return TunedGraphModule(self, traced, mode, source=self._convbn_source)
+
+    def set_mode(self, mode) -> None:
+        """Change the mode rule ("auto", a Mode, or a policy) and relower now."""
+        self._convbn_mode = mode
+        self._convbn_key = None
+        self._convbn_lowerings = []
+        self._convbn_relower(strict=True)
+
+    @property
+    def convbn_mode(self) -> Mode | str | Callable:
+        return self._convbn_mode
