@@ -8,8 +8,10 @@ arXiv 2305.11624).
 
 from .api import describe, tune_mode
 from .blocks import BlockInfo
+from .deploy_export import deploy_mode
 from .errors import ConvBNError, LoweringError, ModeError, TraceError
-from .kinds import declare_safe
+from .export import tune_exported
+from .kinds import declare_leaf, declare_safe
 from .modes import Mode
 from .passes import get_lowerings, register_lowering
 from .tuned import TunedGraphModule
@@ -18,6 +20,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "tune_mode", "describe", "Mode", "BlockInfo", "register_lowering", "get_lowerings",
-    "declare_safe", "TunedGraphModule", "ConvBNError", "TraceError", "ModeError",
-    "LoweringError",
+    "declare_safe", "declare_leaf", "TunedGraphModule", "ConvBNError", "TraceError", "ModeError",
+    "LoweringError", "deploy_mode", "backend", "pre_grad_pass", "tune_exported",
 ]
+
+
+def __getattr__(name):
+    # The torch.compile entry points import torch._inductor: only when asked for.
+    if name in ("backend", "pre_grad_pass"):
+        from . import compile
+
+        return getattr(compile, name)
+    raise AttributeError(f"module 'convbn_fx' has no attribute {name!r}")

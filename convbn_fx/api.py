@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
+from .kinds import block_types
 from .modes import ModeArg, normalize_mode
 from .tracing import has_blocks_inside, trace
 from .tuned import TunedGraphModule
@@ -44,14 +45,25 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def _tune_whole(model: nn.Module, mode) -> TunedGraphModule:
+class _Untraceable(Exception):
+    """torch.fx could not trace a module; carries the one-line cause."""
+
+
+def _tune_whole(model: nn.Module, mode, prefix: str = "") -> TunedGraphModule:
     if isinstance(model, torch.fx.GraphModule):
         traced = torch.fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        return TunedGraphModule(model, traced, mode)
-    return TunedGraphModule(model, trace(model), mode, source=model)
+        return TunedGraphModule(model, traced, mode, prefix=prefix)
+    try:
+        traced = trace(model)
+    except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
+        raise _Untraceable(f"{type(model).__name__}: {_one_line(exc)}") from exc
+    # Errors past this point (a policy raising, a forced mode that does not fit) are the
+    # user's to see, not a reason to trace in parts.
+    return TunedGraphModule(model, traced, mode, source=model, prefix=prefix)
 
 
-def _tune_parts(module: nn.Module, mode, inplace: bool, errors: list[str]) -> nn.Module:
+def _tune_parts(module: nn.Module, mode, inplace: bool, errors: list[str],
+                prefix: str = "") -> nn.Module:
     """Rewrite the largest traceable submodules of `module`; returns it, or a shallow copy."""
     replaced = {}
     for name, child in module.named_children():
@@ -60,15 +72,14 @@ def _tune_parts(module: nn.Module, mode, inplace: bool, errors: list[str]) -> nn
             if new is not child:
                 replaced[name] = new
             continue
-        if not has_blocks_inside(child):
-            continue
+        if isinstance(child, block_types()) or not has_blocks_inside(child):
+            continue  # a lone conv or BN is no block: tracing it alone gains nothing
+        path = f"{prefix}{name}"
         try:
-            replaced[name] = _tune_whole(child, mode)
-        except ConvBNError:
-            raise
-        except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
-            errors.append(f"{type(child).__name__}: {_one_line(exc)}")
-            new = _tune_parts(child, mode, inplace, errors)
+            replaced[name] = _tune_whole(child, mode, prefix=path)
+        except _Untraceable as exc:
+            errors.append(f"{path}: {exc}")
+            new = _tune_parts(child, mode, inplace, errors, prefix=f"{path}.")
             if new is not child:
                 replaced[name] = new
     if not replaced:
@@ -104,10 +115,8 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
         return model.with_mode(mode)
     try:
         tuned = _tune_whole(model, mode)
-    except ConvBNError:
-        raise
-    except Exception as exc:
-        errors = [f"{type(model).__name__}: {_one_line(exc)}"]
+    except _Untraceable as exc:
+        errors = [str(exc)]
         result = _tune_parts(model, mode, inplace, errors)
         if not any(isinstance(m, TunedGraphModule) for m in result.modules()):
             raise TraceError(

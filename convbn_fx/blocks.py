@@ -49,7 +49,9 @@ class Block:
     conv_node: torch.fx.Node        # produces the conv output
     bn_node: torch.fx.Node          # consumes it; its users get the lowered value
     input: torch.fx.Node | None = None        # the conv's input
-    config: ConvConfig | None = None
+    config: ConvConfig | None = None          # None for a linear block
+    op: str = "conv"                # "conv", or "linear" for Linear→BatchNorm1d
+    bn_ranks: tuple[int, ...] | None = None   # linear: output ranks the BN accepts (None: any)
     tensors: dict[str, Source] = field(default_factory=dict)   # keys: TENSORS
     eps: float = 1e-5
     reason: str | None = None       # why it is not folded; None when foldable

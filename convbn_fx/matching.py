@@ -3,6 +3,8 @@
 All blocks are found first and rewritten afterwards. Each block is matched per call site, so
 a conv or BN module used twice yields one block per use. A block that is not provably safe to
 fold is still returned, with a one-line `reason`, so `describe()` can say why it was skipped.
+A Linear followed by BatchNorm1d (or SyncBatchNorm) is a block too, with `op="linear"`; whether
+its input has the rank that makes folding right is only known per call (see folding.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch.fx
 import torch.nn as nn
 
 from .blocks import Block, ConvConfig
-from .kinds import bn_base, bn_spatial_dims, conv_base, is_frozen_bn, overrides_forward
+from .kinds import bn_base, bn_spatial_dims, conv_base, is_frozen_bn, is_linear, overrides_forward
 
 __all__ = ["find_blocks", "node_input"]
 
@@ -57,12 +59,27 @@ def _bn_channels(bn: nn.Module) -> int:
     return bn.num_features if hasattr(bn, "num_features") else bn.weight.shape[0]
 
 
+def _shape_reason(conv: nn.Module, bn: nn.Module) -> str | None:
+    """Whether the BN kind normalises the channels (features) that the conv (linear) makes."""
+    if is_linear(conv):
+        if bn_base(bn) not in (nn.BatchNorm1d, nn.SyncBatchNorm):
+            return f"{type(bn).__name__} does not normalise a Linear's output features"
+        if conv.out_features != _bn_channels(bn):
+            return f"Linear has {conv.out_features} output features but BN has {_bn_channels(bn)}"
+        return None
+    if conv.out_channels != _bn_channels(bn):
+        return f"conv has {conv.out_channels} output channels but BN has {_bn_channels(bn)}"
+    if len(conv.kernel_size) not in bn_spatial_dims(bn):
+        return f"{type(bn).__name__} does not accept the output of a {len(conv.kernel_size)}-d conv"
+    return None
+
+
 def _skip_reason(conv_node: torch.fx.Node, conv: nn.Module, bn_node: torch.fx.Node, bn: nn.Module, bn_extra: int) -> str | None:
     """One guard per precondition of folding; the first that fails names the reason."""
     conv_cls, bn_cls = conv_base(conv), bn_base(bn)
     if overrides_forward(conv, conv_cls):
         return (f"{type(conv).__name__} overrides forward, so folding into its weight may be "
-                "wrong; convbn_fx.declare_safe(cls) if it computes what the stock conv does")
+                "wrong; convbn_fx.declare_safe(cls) if it computes what the stock one does")
     if overrides_forward(bn, bn_cls):
         return (f"{type(bn).__name__} overrides forward, so it may not be a plain batch norm; "
                 "convbn_fx.declare_safe(cls) if it is")
@@ -77,13 +94,14 @@ def _skip_reason(conv_node: torch.fx.Node, conv: nn.Module, bn_node: torch.fx.No
     if not is_frozen_bn(bn) and (bn.running_mean is None or bn.running_var is None):
         return "BN has no running statistics (track_running_stats=False), so it always " \
                "normalises with batch statistics"
-    if conv.out_channels != _bn_channels(bn):
-        return f"conv has {conv.out_channels} output channels but BN has {_bn_channels(bn)}"
-    if len(conv.kernel_size) not in bn_spatial_dims(bn):
-        return f"{type(bn).__name__} does not accept the output of a {len(conv.kernel_size)}-d conv"
+    shape_reason = _shape_reason(conv, bn)
+    if shape_reason is not None:
+        return shape_reason
     if conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks \
             or bn._forward_pre_hooks:
         return "the conv or BN has forward hooks, which folding would skip"
+    if any(m._backward_hooks or m._backward_pre_hooks for m in (conv, bn)):
+        return "the conv or BN has backward hooks, which folding would skip"
     return None
 
 
@@ -116,7 +134,11 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module) -> list[Block]:
         block.reason = _skip_reason(conv_node, conv, bn_node, bn, bn_extra)
         if block.reason is None:
             block.input = node_input(conv, conv_node)[0]
-            block.config = _conv_config(conv)
+            if is_linear(conv):
+                block.op = "linear"
+                block.bn_ranks = (2, 3) if bn_base(bn) is nn.BatchNorm1d else None
+            else:
+                block.config = _conv_config(conv)
             block.eps = float(bn.eps)
             c, b = conv_node.target, bn_node.target
             block.tensors = {
@@ -126,6 +148,8 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module) -> list[Block]:
                 "running_var": f"{b}.running_var",
                 "bn_weight": f"{b}.weight" if bn.weight is not None else None,
                 "bn_bias": f"{b}.bias" if bn.bias is not None else None,
+                "num_batches_tracked": (f"{b}.num_batches_tracked" if getattr(
+                    bn, "num_batches_tracked", None) is not None else None),
             }
         blocks.append(block)
     return blocks

@@ -44,7 +44,8 @@ def auto_mode(uses_batch_stats: bool, requires_grad: bool) -> Mode:
 
 def normalize_mode(mode: ModeArg) -> Mode | str | Callable:
     """Return a Mode, the string "auto", or the policy callable; reject anything else."""
-    if isinstance(mode, Mode) or callable(mode):
+    # A class is callable too, but `mode=Mode` (or any class) is a mistake, not a policy.
+    if isinstance(mode, Mode) or (callable(mode) and not isinstance(mode, type)):
         return mode
     if isinstance(mode, str):
         if mode == "auto":

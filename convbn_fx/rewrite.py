@@ -17,7 +17,7 @@ from .blocks import Block
 from .modes import Mode
 from .passes import get_lowering
 
-__all__ = ["copy_graph", "lower_graph"]
+__all__ = ["copy_graph", "lower_graph", "lower_in_place"]
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,32 @@ def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Nod
     return new, node_map
 
 
+class _SameNodes(dict):
+    """A node map that leaves unmapped nodes as they are (lowering a graph in place)."""
+
+    def __missing__(self, node):
+        return node
+
+
 def lower_graph(template: torch.fx.Graph, blocks: Sequence[Block],
                 lowerings: Sequence[Mode | None]) -> torch.fx.Graph:
     """A copy of `template` with `blocks[i]` lowered by `lowerings[i]` (None: left as is)."""
     graph, node_map = copy_graph(template)
+    return lower_in_place(graph, blocks, lowerings, node_map)
+
+
+def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
+                   lowerings: Sequence[Mode | None],
+                   node_map: dict[torch.fx.Node, torch.fx.Node] | None = None) -> torch.fx.Graph:
+    """Lower `blocks[i]` by `lowerings[i]` in `graph` itself, whose nodes `node_map` maps to.
+
+    Compiler hooks (inductor's pre-grad pass) hand over a graph to edit, not to copy.
+    """
+    node_map = _SameNodes(node_map or {})
     for block, mode in zip(blocks, lowerings):
         if mode is None:
             continue
+        template_bn = block.bn_node
         block = block.remap(node_map)
         with graph.inserting_before(block.bn_node):
             out = get_lowering(mode)(graph, block)
@@ -50,7 +69,12 @@ def lower_graph(template: torch.fx.Graph, blocks: Sequence[Block],
             continue
         out.meta = {**block.bn_node.meta, **out.meta}
         block.bn_node.replace_all_uses_with(out)
+        node_map[template_bn] = out  # a later block fed by this one (conv→BN→conv) reads `out`
+        source = block.bn_node.args[0] if block.bn_node.args else None
         graph.erase_node(block.bn_node)
+        if isinstance(source, torch.fx.Node) and source is not block.conv_node \
+                and source.op == "call_function" and not source.users:
+            graph.erase_node(source)  # aten BN returning a tuple: bn_node was its getitem 0
         if not block.conv_node.users:
             graph.erase_node(block.conv_node)
     graph.lint()

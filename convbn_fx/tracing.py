@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.fx
 import torch.nn as nn
 
-from .kinds import leaf_types
+from .kinds import all_bn_types, leaf_types
 
 __all__ = ["ConvBNTracer", "trace", "reads_training_flag", "has_blocks_inside"]
 
@@ -52,6 +52,7 @@ def reads_training_flag(module: nn.Module) -> bool:
 
 
 def has_blocks_inside(module: nn.Module) -> bool:
-    """True when any submodule is a conv or BN: only such parts are worth tracing."""
-    kinds = leaf_types()
+    """True when any submodule is a BN: every block ends in one, so only such parts are worth
+    tracing (a lone conv, e.g. a detection head's classifier, is left as it is)."""
+    kinds = all_bn_types()
     return any(isinstance(m, kinds) for m in module.modules())

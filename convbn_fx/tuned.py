@@ -56,7 +56,7 @@ class TunedGraphModule(torch.fx.GraphModule):
     """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
 
     def __init__(self, root: nn.Module, traced: torch.fx.GraphModule, mode,
-                 source: nn.Module | None = None):
+                 source: nn.Module | None = None, prefix: str = ""):
         super().__init__(traced, traced.graph, type(root).__name__)
         # Hold the root's whole module tree, not just the modules the graph calls, so the
         # state_dict keys (and unused submodules) are exactly the input's.
@@ -68,7 +68,10 @@ class TunedGraphModule(torch.fx.GraphModule):
             self.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
         self.training = root.training
         self._convbn_mode = mode
-        self._convbn_source = source      # retraced when a `self.training` branch flips
+        self._convbn_prefix = prefix  # where this part sits in the model, for policies
+        # The traced model, retraced when a `self.training` branch flips. Kept out of
+        # _modules: it is not a submodule (it would duplicate every state_dict key).
+        self.__dict__["_convbn_source"] = source
         self._convbn_key = None
         self._convbn_lowerings: list[Mode | None] = []
         self._convbn_set_template(traced.graph)
@@ -85,6 +88,8 @@ class TunedGraphModule(torch.fx.GraphModule):
         self._convbn_bns = [self.get_submodule(b.bn) for b in foldable
                             if not is_frozen_bn(self.get_submodule(b.bn))]
         self._convbn_owners = list(mods.values())  # parameters are read through these
+        self._convbn_hooked = [self.get_submodule(name) for b in self._convbn_blocks
+                               for name in (b.conv, b.bn)]
         self._convbn_branchy = _traced_through_branchy(self, template) \
             if self._convbn_source is not None else []
 
@@ -96,6 +101,9 @@ class TunedGraphModule(torch.fx.GraphModule):
              if p is not None],
             [m.training for m in self._convbn_branchy],
             registry_version(),
+            # Hooks added after the rewrite would silently not run on a folded block.
+            [bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                  or m._backward_pre_hooks) for m in self._convbn_hooked],
         )
 
     def _convbn_uses_batch_stats(self, bn: nn.Module) -> bool:
@@ -119,7 +127,8 @@ class TunedGraphModule(torch.fx.GraphModule):
         if isinstance(mode, Mode):
             wanted = mode
         else:
-            wanted = mode(BlockInfo(block.conv, block.bn, block.kind, auto, None))
+            pre = f"{self._convbn_prefix}." if self._convbn_prefix else ""
+            wanted = mode(BlockInfo(pre + block.conv, pre + block.bn, block.kind, auto, None))
             if wanted is None:
                 return None
             try:
@@ -145,13 +154,16 @@ class TunedGraphModule(torch.fx.GraphModule):
     @torch.compiler.disable
     def _convbn_relower(self, strict: bool = False) -> None:
         """Lower every block for the current state and recompile (only when state changed)."""
-        if self._convbn_source is not None and self._convbn_key is not None \
-                and self._convbn_key[2] != [m.training for m in self._convbn_branchy]:
+        old = self._convbn_key
+        if self._convbn_source is not None and old is not None \
+                and old[2] != [m.training for m in self._convbn_branchy]:
             self._convbn_source.training = self.training  # the root's flag lives on self
             self._convbn_set_template(trace(self._convbn_source).graph)
+        elif old is not None and old[4] != self._convbn_state()[4]:
+            self._convbn_set_template(self._convbn_template)  # hooks changed: match again
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
         key = self._convbn_state()
-        if lowerings != self._convbn_lowerings or key[2:] != (self._convbn_key or ())[2:]:
+        if lowerings != self._convbn_lowerings or key[2:] != (old or ())[2:]:
             self.graph = lower_graph(self._convbn_template, self._convbn_blocks, lowerings)
             log.debug("%s relowered: %s", type(self).__name__, lowerings)
         self._convbn_lowerings = lowerings
@@ -184,7 +196,8 @@ class TunedGraphModule(torch.fx.GraphModule):
         finally:
             self.__dict__.update(extra)
         res._convbn_mode = extra["_convbn_mode"]
-        res._convbn_source = copy.deepcopy(extra["_convbn_source"], memo)
+        res._convbn_prefix = extra["_convbn_prefix"]
+        res.__dict__["_convbn_source"] = copy.deepcopy(extra["_convbn_source"], memo)
         res._convbn_key, res._convbn_lowerings = None, []
         res._convbn_set_template(copy_graph(extra["_convbn_template"])[0])
         res._convbn_relower()
@@ -203,7 +216,8 @@ class TunedGraphModule(torch.fx.GraphModule):
     def with_mode(self, mode) -> "TunedGraphModule":
         """A new TunedGraphModule over the same modules, lowered by another mode rule."""
         traced = torch.fx.GraphModule(self, copy_graph(self._convbn_template)[0])
-        return TunedGraphModule(self, traced, mode, source=self._convbn_source)
+        return TunedGraphModule(self, traced, mode, source=self._convbn_source,
+                                prefix=self._convbn_prefix)
 
     def set_mode(self, mode) -> None:
         """Change the mode rule ("auto", a Mode, or a policy) and relower now."""

@@ -8,13 +8,12 @@ stale. Training through constant folded weights is what the paper shows to be un
 
 import operator
 
-import torch
 import torch.fx
 
 from ..blocks import Block
-from ..folding import frozen_fold
+from ..folding import frozen_fold, linear_bn_deploy
 from ..modes import Mode
-from .emit import call, conv_input, tensors
+from .emit import call, conv_call, conv_input, linear_bn_call, source, tensors
 from .registry import register_lowering
 
 __all__ = ["lower_deploy"]
@@ -22,16 +21,17 @@ __all__ = ["lower_deploy"]
 
 @register_lowering(Mode.DEPLOY)
 def lower_deploy(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
+    watch = source(graph, block.tensors.get("num_batches_tracked"))
+    extra = {} if watch is None else {"watch": watch}
+    if block.op == "linear":  # folds per call, only for rank-2 input (see folding.py)
+        return linear_bn_call(graph, block, linear_bn_deploy, "deploy", **extra)
     stem, cfg = block.bn.replace(".", "_"), block.config
     t = tensors(graph, block)
     folded = call(graph, frozen_fold,
                   (t["weight"], t["bias"], t["running_mean"], t["running_var"], t["bn_weight"],
                    t["bn_bias"]),
-                  {"eps": block.eps, "transposed": cfg.transposed, "groups": cfg.groups},
+                  {"eps": block.eps, "transposed": cfg.transposed, "groups": cfg.groups, **extra},
                   name=f"{stem}_folded")
     weight = call(graph, operator.getitem, (folded, 0), name=f"{stem}_folded_weight")
     bias = call(graph, operator.getitem, (folded, 1), name=f"{stem}_folded_bias")
-    return call(graph, torch.convolution,
-                (conv_input(graph, block), weight, bias, list(cfg.stride), list(cfg.padding),
-                 list(cfg.dilation), cfg.transposed, list(cfg.output_padding), cfg.groups),
-                name=f"{stem}_deploy")
+    return conv_call(graph, block, conv_input(graph, block), weight, bias, f"{stem}_deploy")

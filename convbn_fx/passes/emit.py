@@ -14,8 +14,10 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..blocks import Block, TENSORS
+from ..folding import conv_function
 
-__all__ = ["call", "tensors", "conv_input", "scale_and_bias", "conv_args"]
+__all__ = ["call", "tensors", "source", "conv_input", "scale_and_bias", "conv_args",
+           "conv_call", "linear_bn_call"]
 
 
 def _stem(block: Block) -> str:
@@ -27,13 +29,14 @@ def call(graph: torch.fx.Graph, fn: Callable, args: tuple, kwargs: dict | None =
     return graph.create_node("call_function", fn, args, kwargs or {}, name=name)
 
 
+def source(graph: torch.fx.Graph, src) -> torch.fx.Node | None:
+    """A block tensor's Source as a node: get_attr for a qualified name, else as it is."""
+    return graph.get_attr(src) if isinstance(src, str) else src
+
+
 def tensors(graph: torch.fx.Graph, block: Block) -> dict[str, torch.fx.Node | None]:
     """The block's six tensors as nodes (get_attr for module graphs), None where absent."""
-    out = {}
-    for key in TENSORS:
-        src = block.tensors.get(key)
-        out[key] = graph.get_attr(src) if isinstance(src, str) else src
-    return out
+    return {key: source(graph, block.tensors.get(key)) for key in TENSORS}
 
 
 def conv_input(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
@@ -67,3 +70,32 @@ def conv_args(block: Block) -> dict[str, Any]:
     return {"stride": list(cfg.stride), "padding": list(cfg.padding),
             "dilation": list(cfg.dilation), "transposed": cfg.transposed,
             "output_padding": list(cfg.output_padding), "groups": cfg.groups}
+
+
+def conv_call(graph: torch.fx.Graph, block: Block, x, weight, bias,
+              name: str) -> torch.fx.Node:
+    """`F.conv2d(x, weight, bias, ...)` (or the block's rank and direction) with its config."""
+    cfg = block.config
+    fn = conv_function(len(cfg.stride), cfg.transposed)
+    if cfg.transposed:
+        args = (x, weight, bias, list(cfg.stride), list(cfg.padding), list(cfg.output_padding),
+                cfg.groups, list(cfg.dilation))
+    else:
+        args = (x, weight, bias, list(cfg.stride), list(cfg.padding), list(cfg.dilation),
+                cfg.groups)
+    return call(graph, fn, args, name=name)
+
+
+def linear_bn_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
+                   **extra) -> torch.fx.Node:
+    """One call of `fn` (folding.linear_bn_tune / _deploy) for a Linear→BN block.
+
+    The fold is decided inside `fn`, per call, from the input's rank (see folding.py), so the
+    block's tensors are passed as they are rather than as graph-level scale and shift.
+    """
+    t = tensors(graph, block)
+    return call(graph, fn,
+                (block.input, t["weight"], t["bias"], t["running_mean"], t["running_var"],
+                 t["bn_weight"], t["bn_bias"]),
+                {"eps": block.eps, "bn_ranks": block.bn_ranks, **extra},
+                name=f"{_stem(block)}_{suffix}")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch.fx
 
 from ..blocks import Block
-from ..errors import LoweringError, ModeError
+from ..errors import ConvBNError, LoweringError, ModeError
 from ..modes import Mode
 
 __all__ = ["Lowering", "register_lowering", "get_lowering", "get_lowerings", "registry_version"]
@@ -48,6 +48,9 @@ def register_lowering(mode: Mode | str) -> Callable[[Lowering], Lowering]:
 
     def register(fn: Lowering) -> Lowering:
         global _version
+        if not callable(fn):
+            raise ConvBNError(f"register_lowering({key}) decorates a function "
+                              f"(graph, block) -> Node, got {fn!r}.")
         _LOWERINGS[key] = fn
         _version = next(_versions)
         return fn

@@ -1,0 +1,132 @@
+"""How the benchmarks measure: interleaved step times, peak memory in a fresh process.
+
+Timing variants one after another (all of A, then all of B) lets a CPU's clock, cache and
+the neighbours' load drift between them; running them round-robin (A B C A B C ...) after a
+warm-up and taking medians spreads that drift evenly. Peak memory is a property of a whole
+process (torch allocates outside Python, so tracemalloc sees nothing): each variant runs in a
+fresh interpreter that reports its peak resident set, and on CUDA `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+__all__ = ["device", "sync", "interleaved_medians", "rss_mib", "peak_rss_mib",
+           "child_report", "run_child", "machine"]
+
+_REPORT = "CONVBN_BENCH_REPORT "  # marks the child's one JSON line on stdout
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+                        before: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds per call of each step, called round-robin after `warmup` calls each.
+
+    `clock=time.process_time` measures CPU time instead of wall time: for single-threaded
+    Python work (a graph pass) it is what wall time would be on an idle machine, and it does
+    not count the time other processes on a busy machine took the CPU away. `before` runs
+    untimed ahead of every timed call (e.g. `gc.collect`).
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            if before is not None:
+                before()
+            start = clock()
+            steps[name]()
+            sync()
+            times[name].append(clock() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (Linux), in MiB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB.
+
+    Linux's VmHWM, not `ru_maxrss`: a child started by fork + exec inherits its parent's
+    `ru_maxrss`, so a 2 GiB parent would make every child report at least 2 GiB.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def child_report(values: dict) -> None:
+    """Called in the child: hand `values` back to `run_child` on stdout."""
+    print(_REPORT + json.dumps(values), flush=True)
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
+    """Run `python -m module *args` in a fresh interpreter; return what it `child_report`ed."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_REPORT):
+            return json.loads(line[len(_REPORT):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"{module} {' '.join(args)} exited {proc.returncode}: {tail[0]}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming what the figures were taken on."""
+    parts = [f"{_cpu_name()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+             f"torch {torch.__version__}", f"Python {platform.python_version()}",
+             platform.system()]
+    if torch.cuda.is_available():
+        parts.insert(1, f"GPU {torch.cuda.get_device_name()}")
+    try:
+        import torchvision
+        parts.insert(-2, f"torchvision {torchvision.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)

@@ -1,0 +1,392 @@
+"""`convbn-fx report SPEC`: how many conv→BN blocks a model folds, and why the rest do not.
+
+A CI job that relies on Tune mode wants to know when a model change silently stops a block
+from folding (a new forward hook, a conv output reused by a skip connection). This command
+builds the model with random weights, puts it in the state it will train in, rewrites it with
+`tune_mode` and prints `describe()` as tables; `--expect N` and `--fail-on-skip` turn the
+report into a check. Exit status: 0 ok, 1 expectation missed, 2 bad input (one sentence on
+stderr, no traceback), 3 an internal error (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import traceback
+from collections import Counter
+
+import torch.nn as nn
+from tabulate import tabulate
+
+from .api import describe, tune_mode
+from .blocks import BlockInfo
+from .errors import ConvBNError
+from .modes import Mode
+from .testing import finetune_state, frozen_state
+from .tracing import has_blocks_inside
+from .tuned import TunedGraphModule
+
+__all__ = ["main", "Report", "build_model", "make_report", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1  # of the --format json output; bump on any incompatible change
+
+EXIT_OK, EXIT_MISSED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+STATES = {
+    "finetune": finetune_state,
+    "train": lambda m: m.train(),
+    "eval": lambda m: m.eval(),
+    "frozen": frozen_state,
+}
+MODES = ("auto", "tune", "deploy", "eval", "train")
+# Row order of the counts table: folded lowerings first.
+LOWERINGS = (Mode.TUNE, Mode.DEPLOY, Mode.TRAIN, Mode.EVAL)
+TABLE_FORMATS = {"plain": "simple", "github": "github"}
+
+REPORT_EPILOG = """\
+SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn) or package.module:callable
+returning an nn.Module (torchvision.models:resnet18, myproj.models:build); the current directory
+is on the import path. Models are built with random weights: a callable that takes `weights`
+or `weights_backbone` gets None for them.
+
+states:
+  finetune  model.train(), then every BN .eval(): transfer learning with frozen BN (default)
+  train     model.train(): BN uses batch statistics, nothing folds
+  eval      model.eval(), parameters still require grad
+  frozen    model.eval() and requires_grad_(False): inference, Deploy folds
+
+exit status: 0 ok, 1 an --expect/--fail-on-skip check failed, 2 bad input, 3 internal error.
+
+example: a CI step that fails when a ResNet-50 block stops folding
+  $ convbn-fx report resnet50 --expect 53 --fail-on-skip
+  convbn-fx report: resnet50 (ResNet)
+
+  state finetune, mode auto, traced whole: 53 blocks, 53 folded, 0 skipped.
+  (a table of blocks per lowering follows; skipped blocks are listed with their reasons)
+  $ echo $?
+  0
+
+more:
+  convbn-fx report fasterrcnn_resnet50_fpn --state frozen --blocks
+  convbn-fx report myproj.models:build --format github >> "$GITHUB_STEP_SUMMARY"
+  convbn-fx report myproj.models:build --format json > convbn-report.json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one sentence on stderr (and still exit status 2)."""
+
+    def error(self, message: str):
+        message = message.rstrip(".")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}; see {self.prog} --help.\n")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a block count (0 or more), got {text!r}")
+    return value
+
+
+def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check what convbn_fx (Tune mode for conv→BN blocks, arXiv 2305.11624) "
+                    "does to a model.",
+        epilog=f"example:\n  {prog} report resnet50 --expect 53 --fail-on-skip\n\n"
+               f"run '{prog} report --help' for the options, states and exit statuses.")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+    report = commands.add_parser(
+        "report", help="print rewrite counts per lowering and why blocks are skipped",
+        description="Rewrite a model with convbn_fx.tune_mode and report what each conv→BN "
+                    "block lowers to.",
+        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("spec", metavar="SPEC",
+                        help="torchvision model name or package.module:callable")
+    report.add_argument("--state", choices=list(STATES), default="finetune",
+                        help="module state to rewrite in (default: finetune)")
+    report.add_argument("--mode", choices=MODES, default="auto",
+                        help="lowering rule: auto (per block, from state) or one forced mode "
+                             "(default: auto)")
+    report.add_argument("--blocks", action="store_true",
+                        help="list every block, not only the skipped ones")
+    report.add_argument("--format", choices=["plain", "github", "json"], default="plain",
+                        help="plain text, GitHub markdown (for $GITHUB_STEP_SUMMARY) or JSON "
+                             "(default: plain)")
+    report.add_argument("--expect", type=_non_negative, metavar="N",
+                        help="exit 1 when fewer than N blocks are folded (Tune or Deploy)")
+    report.add_argument("--fail-on-skip", action="store_true",
+                        help="exit 1 when any block is skipped (not lowered at all)")
+    report.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what the pass does (-v info, -vv debug)")
+    report.set_defaults(run=_run_report)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -- building the model --------------------------------------------------------------------
+
+
+def _random_weight_kwargs(fn) -> dict:
+    """weights=None / weights_backbone=None where `fn` takes them: never download weights."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: None for name in ("weights", "weights_backbone") if name in params}
+
+
+def _torchvision_builder(name: str):
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise ConvBNError(f"{name!r} is read as a torchvision model name but torchvision is not "
+                          "installed; install it or pass package.module:callable.") from None
+    known = tvm.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConvBNError(f"unknown torchvision model {name!r}{hint}; for your own model pass "
+                          "package.module:callable.")
+    return tvm.get_model_builder(name)
+
+
+def _import_target(spec: str):
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ConvBNError(f"SPEC {spec!r} should look like package.module:callable.")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # a user module can fail to import in any way
+        raise ConvBNError(f"could not import {module_name!r} ({_one_line(exc)}); run from "
+                          "the project root or put it on PYTHONPATH.") from None
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ConvBNError(f"{module_name!r} has no attribute {attr_path!r}; check the "
+                              "name after the colon.")
+        target = getattr(target, part)
+    return target
+
+
+def build_model(spec: str) -> nn.Module:
+    """The nn.Module SPEC names, built with random weights; ConvBNError for bad input."""
+    if ":" in spec:
+        target = _import_target(spec)
+    else:
+        target = _torchvision_builder(spec)
+    if isinstance(target, nn.Module):
+        return target
+    if not callable(target):
+        raise ConvBNError(f"{spec} is not callable ({type(target).__name__}); point SPEC at a "
+                          "function or class that returns an nn.Module.")
+    kwargs = _random_weight_kwargs(target)
+    try:
+        inspect.signature(target).bind(**kwargs)
+    except TypeError:
+        raise ConvBNError(f"{spec} needs arguments; SPEC must name a callable that takes none "
+                          "(wrap it in a function that builds your model).") from None
+    except ValueError:  # no signature to check (a builtin): just call it
+        pass
+    try:
+        model = target(**kwargs)
+    except Exception as exc:  # whatever the user's builder raises is bad input here
+        raise ConvBNError(f"calling {spec}() raised {_one_line(exc)}.") from None
+    if not isinstance(model, nn.Module):
+        raise ConvBNError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
+    return model
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].rstrip('.')}" if lines else type(exc).__name__
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """What `tune_mode` did to one model in one state; the tables and JSON are views of it."""
+
+    spec: str
+    model: str                  # class name of the built model
+    state: str
+    mode: str
+    traced_whole: bool          # False: traced in parts (see `parts`)
+    parts: list[str]            # qualified names of the rewritten submodules when in parts
+    blocks: list[BlockInfo]
+
+    @property
+    def skipped(self) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.lowering is None]
+
+    @property
+    def folded(self) -> int:
+        return sum(b.folded for b in self.blocks)
+
+    def counts(self) -> dict[str, int]:
+        """Blocks per lowering, then skipped, folded and total (a fixed set of keys)."""
+        per = Counter(b.lowering for b in self.blocks)
+        counts = {m.value: per[m] for m in LOWERINGS}
+        counts.update(skipped=per[None], folded=self.folded, total=len(self.blocks))
+        return counts
+
+    def failures(self, expect: int | None, fail_on_skip: bool) -> list[str]:
+        """One sentence per check that failed."""
+        found = []
+        if expect is not None and self.folded < expect:
+            found.append(f"expected at least {expect} folded blocks, found {self.folded}.")
+        if fail_on_skip and self.skipped:
+            n = len(self.skipped)
+            found.append(f"{n} block{'s' if n != 1 else ''} skipped (--fail-on-skip); the "
+                         "report lists the reasons.")
+        return found
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "spec": self.spec,
+            "model": self.model,
+            "state": self.state,
+            "mode": self.mode,
+            "traced_whole": self.traced_whole,
+            "parts": list(self.parts),
+            "counts": self.counts(),
+            "blocks": [{"conv": b.conv, "bn": b.bn, "kind": b.kind,
+                        "lowering": b.lowering.value if b.lowering else None,
+                        "reason": b.reason} for b in self.blocks],
+        }
+
+
+def make_report(model: nn.Module, spec: str, state: str = "finetune",
+                mode: str = "auto") -> Report:
+    """Put `model` in `state` (in place), rewrite it with `mode` and describe the result.
+
+    Raises ConvBNError (ModeError) when a forced mode is invalid for the state.
+    """
+    STATES[state](model)
+    if has_blocks_inside(model):
+        tuned = tune_mode(model, mode)
+        blocks = describe(tuned)
+    else:  # nothing to rewrite: do not ask torch.fx to trace it
+        tuned, blocks = None, []
+    whole = tuned is None or isinstance(tuned, TunedGraphModule)
+    parts = [] if whole else [name for name, m in tuned.named_modules()
+                              if isinstance(m, TunedGraphModule)]
+    return Report(spec, type(model).__name__, state, mode, whole, parts, blocks)
+
+
+def _summary(report: Report) -> str:
+    c = report.counts()
+    n = len(report.parts)
+    traced = "traced whole" if report.traced_whole else \
+        f"traced in {n} part{'s' if n != 1 else ''} ({', '.join(report.parts)})"
+    return (f"state {report.state}, mode {report.mode}, {traced}: {c['total']} blocks, "
+            f"{c['folded']} folded, {c['skipped']} skipped.")
+
+
+def format_text(report: Report, fmt: str = "plain", all_blocks: bool = False) -> str:
+    """The report as text tables; fmt "plain" or "github" (markdown)."""
+    tablefmt = TABLE_FORMATS[fmt]
+    md = fmt == "github"
+    name = (lambda s: f"`{s}`") if md else str   # markdown would eat `_` and `*` in names
+    title = f"convbn-fx report: {name(report.spec)} ({report.model})"
+    out = [f"### {title}" if md else title, "", _summary(report), ""]
+    counts = report.counts()
+    rows = [(m.value, counts[m.value]) for m in LOWERINGS] + [("skipped", counts["skipped"])]
+    out.append(tabulate(rows, headers=["lowering", "blocks"], tablefmt=tablefmt))
+    if report.skipped:
+        out += ["", "#### Skipped blocks" if md else "Skipped blocks:", ""]
+        rows = [(name(b.conv), name(b.bn), name(b.kind),
+                 b.reason.replace("|", "\\|") if md else b.reason) for b in report.skipped]
+        out.append(tabulate(rows, headers=["conv", "bn", "kind", "reason"], tablefmt=tablefmt))
+    if all_blocks and report.blocks:
+        out += ["", "#### All blocks" if md else "All blocks:", ""]
+        rows = [(i, name(b.conv), name(b.bn), name(b.kind),
+                 b.lowering.value if b.lowering else "skipped")
+                for i, b in enumerate(report.blocks)]
+        out.append(tabulate(rows, headers=["#", "conv", "bn", "kind", "lowering"],
+                            tablefmt=tablefmt))
+    return "\n".join(out) + "\n"
+
+
+def format_json(report: Report, failures: list[str]) -> str:
+    data = report.to_json()
+    data["failures"] = failures
+    return json.dumps(data, indent=2) + "\n"
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    model = build_model(args.spec)
+    report = make_report(model, args.spec, args.state, args.mode)
+    failures = report.failures(args.expect, args.fail_on_skip)
+    if args.format == "json":
+        sys.stdout.write(format_json(report, failures))
+    else:
+        sys.stdout.write(format_text(report, args.format, args.blocks))
+    sys.stdout.flush()
+    for failure in failures:
+        print(f"{args.prog}: {failure}", file=sys.stderr)
+    return EXIT_MISSED if failures else EXIT_OK
+
+
+def _log_handler(verbose: int) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else
+                     logging.WARNING)
+    return handler
+
+
+def main(argv: list[str] | None = None, *, prog: str = "convbn-fx") -> int:
+    """Entry point of `convbn-fx` and `python -m convbn_fx`; returns the exit status."""
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    args.prog = prog
+    # `python -m` puts the current directory on sys.path, a console script does not.
+    added_cwd = os.getcwd() not in sys.path and "" not in sys.path
+    if added_cwd:
+        sys.path.insert(0, os.getcwd())
+    pkg_log = logging.getLogger("convbn_fx")
+    handler, old_level = _log_handler(args.verbose), pkg_log.level
+    pkg_log.addHandler(handler)
+    pkg_log.setLevel(handler.level)
+    try:
+        return args.run(args)
+    except ConvBNError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception:  # a bug in convbn_fx (or torch.fx): not the user's input, show it all
+        traceback.print_exc()
+        print(f"{prog}: internal error (above); please report it with the SPEC that caused it.",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if added_cwd and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+        pkg_log.removeHandler(handler)
+        pkg_log.setLevel(old_level)

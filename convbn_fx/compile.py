@@ -1,0 +1,136 @@
+"""convbn_fx inside torch.compile: a Dynamo backend and an inductor pre-grad pass.
+
+Dynamo hands a backend a functional graph (`torch.conv2d` → `F.batch_norm`, parameters as
+placeholders or `get_attr` nodes). Both entry points rewrite every foldable block of that
+graph with `match_functional.tune_graph` before AOTAutograd traces it, so the fold reaches
+the backward graph too: BN's elementwise pass and the saved conv output disappear from the
+training step, which inductor's own `efficient_conv_bn_eval_fx_passes` leaves to the
+partitioner. Blocks whose BN has `training=True` are left to run as written.
+
+    model = torch.compile(model, backend=convbn_fx.backend)   # or backend="convbn_fx"
+
+    torch._inductor.config.pre_grad_custom_pass = convbn_fx.pre_grad_pass
+    model = torch.compile(model)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .folding import _ConvScaledWeight, conv_scaled, scale_weight
+from .match_functional import tune_graph
+from .modes import Mode, ModeArg, normalize_mode
+from .passes import get_lowerings
+
+__all__ = ["backend", "make_backend", "TunePass", "pre_grad_pass"]
+
+log = logging.getLogger(__name__)
+
+_PACKAGE = pathlib.Path(__file__).parent
+
+
+@torch.library.custom_op("convbn_fx::conv_scaled", mutates_args=())
+def conv_scaled_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                   dilation: List[int], transposed: bool, output_padding: List[int],
+                   groups: int) -> torch.Tensor:
+    """`folding.conv_scaled` as one opaque op, for graphs that AOTAutograd partitions.
+
+    Traced through, `conv_scaled`'s recomputation of W·s in backward is merged with the
+    forward's by AOTAutograd's CSE, and the partitioner then saves W·s for backward (one
+    weight-sized tensor per block, more than Eval keeps for small inputs). As an opaque op
+    the forward's W·s is invisible and the backward (the same formula) recomputes it.
+    """
+    return torch.convolution(x, scale_weight(weight, scale, transposed, groups), bias, stride,
+                             padding, dilation, transposed, output_padding, groups)
+
+
+@conv_scaled_op.register_fake
+def _conv_scaled_fake(x, weight, scale, bias, stride, padding, dilation, transposed,
+                      output_padding, groups):
+    return torch.convolution(x, scale_weight(weight, scale, transposed, groups), bias, stride,
+                             padding, dilation, transposed, output_padding, groups)
+
+
+conv_scaled_op.register_autograd(_ConvScaledWeight.backward,
+                                 setup_context=_ConvScaledWeight.setup_context)
+
+
+def _opaque_conv_scaled(graph: torch.fx.Graph) -> None:
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is conv_scaled:
+            node.target = torch.ops.convbn_fx.conv_scaled.default
+
+
+def _rewrite(graph: torch.fx.Graph, mode) -> None:
+    tune_graph(graph, mode)
+    _opaque_conv_scaled(graph)
+
+
+def make_backend(mode: ModeArg = "auto", compiler: Callable | None = None) -> Callable:
+    """A Dynamo backend that rewrites blocks with `mode`, then compiles with `compiler`.
+
+    Args:
+        mode: see `convbn_fx.match_functional.functional_mode` ("auto": TUNE for frozen BN).
+        compiler: a Dynamo backend `(gm, example_inputs) -> callable`; default inductor.
+    """
+    mode = normalize_mode(mode)
+
+    def convbn_fx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        _rewrite(gm.graph, mode)
+        gm.recompile()
+        if compiler is not None:
+            return compiler(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    return convbn_fx_backend
+
+
+_default_backend = make_backend()
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+    """The `torch.compile` backend: rewrite the Dynamo graph's blocks, compile with inductor.
+
+    Also registered as `backend="convbn_fx"` (the `torch_dynamo_backends` entry point).
+    """
+    return _default_backend(gm, example_inputs)
+
+
+class TunePass(CustomGraphPass):
+    """An inductor pre-grad pass that rewrites conv→BN blocks (see `pre_grad_pass`).
+
+    `uuid()` hashes the sources that decide the rewrite plus the mode and the registered
+    lowerings, so inductor's FX graph cache misses when any of them changes. A policy
+    callable cannot be hashed: with one, `uuid()` is None and inductor does not cache.
+    """
+
+    def __init__(self, mode: ModeArg = "auto"):
+        self.mode = normalize_mode(mode)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _rewrite(graph, self.mode)
+
+    def uuid(self) -> bytes | None:
+        if callable(self.mode) and not isinstance(self.mode, Mode):
+            return None
+        files = tuple(str(p) for p in sorted(_PACKAGE.rglob("*.py")))
+        lowerings = sorted(f"{m.value}={fn.__module__}.{fn.__qualname__}"
+                           for m, fn in get_lowerings().items())
+        extra = f"mode={self.mode};" + ";".join(lowerings)
+        return hashlib.sha256(get_hash_for_files(files) + extra.encode()).digest()
+
+    def __repr__(self) -> str:
+        return f"TunePass(mode={self.mode!r})"
+
+
+pre_grad_pass = TunePass()

@@ -1,0 +1,284 @@
+"""`convbn-fx report`: golden outputs, every exit status, the JSON schema, both entry points.
+
+Most tests call `convbn_fx.cli.main` in-process (torch is imported once); two run the real
+`python -m convbn_fx` and console script. Golden files live in tests/golden/; after an
+intended change of the output, regenerate them with CONVBN_FX_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convbn_fx
+from convbn_fx import cli
+from convbn_fx.blocks import BlockInfo
+from convbn_fx.modes import Mode
+
+TESTS = Path(__file__).resolve().parent
+GOLDEN = TESTS / "golden"
+UPDATE = os.environ.get("CONVBN_FX_UPDATE_GOLDEN") == "1"
+SKIPPY = "cli_models:skippy"    # 5 blocks: 2 fold (tune), 3 skipped
+
+
+@pytest.fixture(autouse=True)
+def _cli_models_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def report_json(capsys, *argv: str) -> dict:
+    code, out, err = run(capsys, "report", *argv, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing {path}; run with CONVBN_FX_UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"output differs from {path}"
+
+
+# -- golden outputs -------------------------------------------------------------------------
+
+GOLDEN_CASES = [
+    pytest.param(["resnet18"], "resnet18.txt", id="resnet18-plain"),
+    pytest.param(["resnet18", "--format", "github"], "resnet18.md", id="resnet18-github"),
+    pytest.param([SKIPPY, "--blocks"], "skippy_blocks.txt", id="skipped-plain-blocks"),
+    pytest.param([SKIPPY, "--format", "github"], "skippy.md", id="skipped-github"),
+    pytest.param([SKIPPY, "--format", "json"], "skippy.json", id="skipped-json"),
+]
+
+
+@pytest.mark.parametrize("argv,golden", GOLDEN_CASES)
+def test_golden_output(capsys, argv, golden):
+    code, out, err = run(capsys, "report", *argv)
+    assert (code, err) == (0, "")
+    check_golden(golden, out)
+
+
+# -- counts on real models ------------------------------------------------------------------
+
+STATE_COUNTS = [
+    pytest.param("finetune", {"tune": 20}, id="finetune-tune"),
+    pytest.param("train", {"train": 20}, id="train-train"),
+    pytest.param("eval", {"tune": 20}, id="eval-tune"),       # eval, but parameters train
+    pytest.param("frozen", {"deploy": 20}, id="frozen-deploy"),
+]
+
+
+@pytest.mark.parametrize("state,expected", STATE_COUNTS)
+def test_state_picks_lowering(capsys, state, expected):
+    counts = report_json(capsys, "resnet18", "--state", state)["counts"]
+    per_mode = {k: v for k, v in counts.items() if k in {m.value for m in Mode} and v}
+    assert per_mode == expected
+    assert counts["total"] == 20 and counts["skipped"] == 0
+
+
+def test_resnet50_folds_53_blocks(capsys):
+    code, out, err = run(capsys, "report", "resnet50", "--expect", "53", "--fail-on-skip")
+    assert (code, err) == (0, "")
+    assert "53 blocks, 53 folded, 0 skipped" in out
+
+
+def test_fasterrcnn_is_traced_in_parts(capsys):
+    # weights_backbone=None makes torchvision use plain BatchNorm2d, every layer trainable.
+    data = report_json(capsys, "fasterrcnn_resnet50_fpn")
+    assert (data["model"], data["traced_whole"], data["parts"]) == \
+        ("FasterRCNN", False, ["backbone"])
+    assert data["counts"]["tune"] == data["counts"]["total"] == 53
+    assert {b["kind"] for b in data["blocks"]} == {"Conv2d+BatchNorm2d"}
+
+
+def test_frozen_batchnorm_fasterrcnn(capsys):
+    # As built for a pretrained backbone: FrozenBatchNorm2d, conv1 and layer1 frozen.
+    data = report_json(capsys, "cli_models:frozen_bn_fasterrcnn")
+    c = data["counts"]
+    assert (c["tune"], c["deploy"], c["skipped"]) == (42, 11, 0)
+    assert {b["kind"] for b in data["blocks"]} == {"Conv2d+FrozenBatchNorm2d"}
+    deployed = {b["conv"] for b in data["blocks"] if b["lowering"] == "deploy"}
+    assert all(name.startswith(("backbone.body.conv1", "backbone.body.layer1."))
+               for name in deployed)
+
+
+FORCED = [
+    pytest.param("eval", "eval", id="eval"),
+    pytest.param("train", "train", id="train"),
+    pytest.param("tune", "tune", id="tune"),
+]
+
+
+@pytest.mark.parametrize("mode,lowering", FORCED)
+def test_forced_mode(capsys, mode, lowering):
+    data = report_json(capsys, SKIPPY, "--mode", mode)
+    assert data["mode"] == mode
+    assert [b["lowering"] for b in data["blocks"]] == [lowering, None, None, None, lowering]
+
+
+# -- exit status ----------------------------------------------------------------------------
+
+CHECKS = [
+    pytest.param([SKIPPY], 0, None, id="ok"),
+    pytest.param([SKIPPY, "--expect", "2"], 0, None, id="expect-met-exactly"),
+    pytest.param([SKIPPY, "--expect", "3"], 1, "expected at least 3 folded blocks, found 2",
+                 id="expect-missed"),
+    pytest.param([SKIPPY, "--fail-on-skip"], 1, "3 blocks skipped", id="fail-on-skip"),
+    pytest.param([SKIPPY, "--mode", "eval", "--expect", "1"], 1, "found 0",
+                 id="eval-is-not-folded"),
+    pytest.param(["resnet18", "--state", "train", "--expect", "1"], 1, "found 0",
+                 id="train-state-folds-nothing"),
+    pytest.param(["cli_models:no_blocks", "--expect", "0", "--fail-on-skip"], 0, None,
+                 id="no-blocks-ok"),
+    pytest.param(["cli_models:no_blocks", "--expect", "1"], 1, "found 0", id="no-blocks-missed"),
+]
+
+
+@pytest.mark.parametrize("argv,code,message", CHECKS)
+def test_checks_exit_status(capsys, argv, code, message):
+    got, out, err = run(capsys, "report", *argv)
+    assert got == code
+    assert out.startswith("convbn-fx report: ")  # the report is printed either way
+    if message is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and err.startswith("convbn-fx: ") and message in err
+
+
+BAD_INPUT = [
+    pytest.param(["report", "resnt50"], "unknown torchvision model 'resnt50' (did you mean "
+                 "resnet50", id="unknown-model"),
+    pytest.param(["report", "no_such_pkg.models:build"], "could not import 'no_such_pkg."
+                 "models' (ModuleNotFoundError", id="import-failure"),
+    pytest.param(["report", "cli_models:nope"], "'cli_models' has no attribute 'nope'",
+                 id="missing-attribute"),
+    pytest.param(["report", "cli_models:broken_import_error"], "is not callable (NoneType)",
+                 id="not-callable"),
+    pytest.param(["report", "cli_models:not_a_module"], "returned a dict, not an nn.Module",
+                 id="not-a-module"),
+    pytest.param(["report", "torch.nn:Conv2d"], "torch.nn:Conv2d needs arguments",
+                 id="needs-arguments"),
+    pytest.param(["report", "cli_models:broken"], "raised RuntimeError: the checkpoint path",
+                 id="builder-raises"),
+    pytest.param(["report", "cli_models:"], "should look like package.module:callable",
+                 id="empty-callable"),
+    pytest.param(["report", SKIPPY, "--mode", "deploy"], "DEPLOY folds bn1 into constant",
+                 id="deploy-while-training"),
+    pytest.param(["report", SKIPPY, "--state", "train", "--mode", "tune"],
+                 "needs running statistics", id="tune-with-batch-stats"),
+    pytest.param(["report", SKIPPY, "--state", "bogus"], "invalid choice: 'bogus'",
+                 id="bad-state"),
+    pytest.param(["report", SKIPPY, "--mode", "auto-ish"], "invalid choice: 'auto-ish'",
+                 id="bad-mode"),
+    pytest.param(["report", SKIPPY, "--format", "xml"], "invalid choice: 'xml'",
+                 id="bad-format"),
+    pytest.param(["report", SKIPPY, "--expect", "-1"], "expected a block count",
+                 id="negative-expect"),
+    pytest.param(["report", SKIPPY, "--expect", "many"], "expected a block count",
+                 id="non-integer-expect"),
+    pytest.param(["report"], "the following arguments are required: SPEC", id="no-spec"),
+    pytest.param([], "the following arguments are required: COMMAND", id="no-command"),
+    pytest.param(["frob"], "invalid choice: 'frob'", id="unknown-command"),
+    pytest.param(["report", SKIPPY, "--bogus"], "unrecognized arguments: --bogus",
+                 id="unknown-option"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUT)
+def test_bad_input_is_one_sentence(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1, err          # one line: no usage block, no traceback
+    assert err.startswith("convbn-fx") and err.rstrip().endswith((".", "?")), err
+    assert message in err
+
+
+def test_internal_error_is_not_bad_input(capsys, monkeypatch):
+    def boom(module):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "describe", boom)
+    code, out, err = run(capsys, "report", SKIPPY)
+    assert code == 3
+    assert "Traceback" in err and "internal error" in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["report", "--help"], ["--version"]],
+                         ids=["help", "report-help", "version"])
+def test_help_exits_zero(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert (code, err) == (0, "")
+    if argv == ["report", "--help"]:
+        assert "convbn-fx report resnet50 --expect 53 --fail-on-skip" in out
+    if argv == ["--version"]:
+        assert out.strip() == f"convbn-fx {convbn_fx.__version__}"
+
+
+# -- JSON -----------------------------------------------------------------------------------
+
+
+def test_json_round_trip(capsys):
+    code, out, err = run(capsys, "report", SKIPPY, "--format", "json", "--expect", "3",
+                         "--fail-on-skip")
+    assert code == 1
+    data = json.loads(out)
+    assert json.dumps(data, indent=2) + "\n" == out
+    assert list(data) == ["schema_version", "spec", "model", "state", "mode", "traced_whole",
+                          "parts", "counts", "blocks", "failures"]
+    assert data["schema_version"] == cli.SCHEMA_VERSION
+    assert len(data["failures"]) == 2 and err.count("\n") == 2
+
+    # The blocks read back are exactly what describe() says of the same model.
+    blocks = [BlockInfo(b["conv"], b["bn"], b["kind"],
+                        Mode(b["lowering"]) if b["lowering"] else None, b["reason"])
+              for b in data["blocks"]]
+    model = cli.build_model(SKIPPY)
+    assert blocks == convbn_fx.describe(convbn_fx.testing.finetune_state(model))
+    report = cli.make_report(cli.build_model(SKIPPY), SKIPPY)
+    assert report.counts() == data["counts"]
+    assert report.blocks == blocks
+
+
+# -- logging and entry points ---------------------------------------------------------------
+
+
+def test_quiet_by_default_verbose_logs(capsys):
+    code, _, err = run(capsys, "report", SKIPPY)
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "report", SKIPPY, "-v")
+    assert code == 0 and "convbn_fx.api: INFO: convbn_fx rewrote Skippy" in err
+
+
+def test_python_dash_m(tmp_path):
+    # cwd=tests: `python -m` finds cli_models on the current directory.
+    proc = subprocess.run([sys.executable, "-m", "convbn_fx", "report", SKIPPY, "--format",
+                           "json"], cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"]["skipped"] == 3
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "convbn-fx"
+    if not script.exists():
+        pytest.skip("console script not installed (pip install -e .)")
+    # A console script does not put the current directory on sys.path; the CLI does.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(script), "report", SKIPPY, "--fail-on-skip"], cwd=TESTS,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == "convbn-fx: 3 blocks skipped (--fail-on-skip); the report lists " \
+                          "the reasons.\n"
+    assert "3 skipped" in proc.stdout
