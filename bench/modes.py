@@ -195,7 +195,7 @@ def peak_memory(case: Case, variant: str) -> dict:
 
 # -- the benchmark ---------------------------------------------------------------------------
 
-def measure_case(case: Case, repeats: int) -> list[dict]:
+def measure_case(case: Case, repeats: int, clock=time.perf_counter) -> list[dict]:
     """Every figure for one model: a row per variant."""
     start = time.perf_counter()
     base = build_model(case.model)
@@ -214,9 +214,10 @@ def measure_case(case: Case, repeats: int) -> list[dict]:
         for v, mem in zip(VARIANTS, pool.map(lambda v: peak_memory(case, v), VARIANTS)):
             rows[v].update(mem)
     times = interleaved_medians({v: train_step(net, x) for v, net in nets.items()},
-                                repeats=repeats, warmup=1)
+                                repeats=repeats, warmup=1, clock=clock)
     for v, t in times.items():
         rows[v]["step_ms"] = t * 1e3
+    rows["eval"]["bn_share"] = bn_share(nets["eval"], x)
     progress(f"{case.model} ({case.batch}x3x{case.size}x{case.size}): "
              f"Tune/Eval step {times['tune'] / times['eval']:.2f}x, saved "
              f"{rows['tune']['saved'] / rows['eval']['saved']:.2f}x "
@@ -224,6 +225,25 @@ def measure_case(case: Case, repeats: int) -> list[dict]:
     del nets, base
     gc.collect()
     return [rows[v] for v in VARIANTS]
+
+
+def bn_share(model: nn.Module, x: torch.Tensor) -> float:
+    """Fraction of an Eval training step spent in batch-norm kernels (forward and backward).
+
+    Tune can save at most this share of Eval's step time (minus its own per-weight work), so
+    it says whether a time goal is reachable on this machine at all.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step = train_step(model, x)
+    step()
+    with profile(activities=acts) as prof:
+        step()
+    events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events)
+    return sum(own(e) for e in events if "batch_norm" in e.key) / total if total else 0.0
 
 
 def _ratio(value: float, ref: float) -> str:
@@ -250,7 +270,7 @@ def modes_table(rows: list[dict]) -> str:
     return tabulate(body, head, tablefmt="github")
 
 
-def sweep(size: int, timed_up_to: int, repeats: int) -> list[dict]:
+def sweep(size: int, timed_up_to: int, repeats: int, clock=time.perf_counter) -> list[dict]:
     """resnet50 at each batch size: saved bytes per variant, step time for small batches."""
     base = build_model("resnet50")
     nets = {v: make_variant(base, v).to(device()) for v in VARIANTS}
@@ -262,7 +282,7 @@ def sweep(size: int, timed_up_to: int, repeats: int) -> list[dict]:
             row[v] = saved_bytes(net, x) / MiB
         if batch <= timed_up_to:
             times = interleaved_medians({v: train_step(nets[v], x) for v in ("eval", "tune")},
-                                        repeats=repeats, warmup=1)
+                                        repeats=repeats, warmup=1, clock=clock)
             row["time_ratio"] = times["tune"] / times["eval"]
         rows.append(row)
         progress(f"sweep resnet50 batch {batch} ({size}x{size}): saved Tune/Eval "
@@ -294,6 +314,11 @@ def goals(rows: list[dict], quick: bool) -> list[str]:
     lines = [f"Goals on resnet50 {by['eval']['input']}{note}:"]
     lines += [f"- {'met' if v <= limit else 'MISSED'}: {what} — {v:.2f}×"
               for what, v, limit in checks]
+    share = by["eval"].get("bn_share")
+    if share is not None:
+        lines.append(f"- batch-norm kernels take {share:.1%} of an Eval step here (profiler), "
+                     f"so Tune's step time can go no lower than about {1 - share:.2f}× Eval "
+                     "on this machine, less the per-weight work Tune adds.")
     return lines
 
 
@@ -308,6 +333,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch threads, here and in the memory subprocesses (default: "
                              "torch's own); 1 keeps a shared, busy machine from thrashing")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by wall clock, or by this process's CPU time (with "
+                             "--threads 1 on a busy machine: the compute, not the waiting)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "SIZE"),
                         help=argparse.SUPPRESS)
@@ -323,16 +351,18 @@ def main(argv=None) -> None:
     names = args.models or (QUICK_MODELS if args.quick else list(FULL))
     cases = [table[m] for m in names]
     repeats = args.repeats or (3 if args.quick else 7)
-    rows = [r for case in cases for r in measure_case(case, repeats)]
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = [r for case in cases for r in measure_case(case, repeats, clock)]
     command = " ".join(["python -m bench.modes"] + (argv if argv is not None else sys.argv[1:]))
     parts = ["## Modes: one training step (fine-tuning state, BN frozen)", "", header(command),
-             f"Step time: median of {repeats} interleaved steps after one warm-up. saved: bytes "
+             f"Step time ({args.clock} clock): median of {repeats} interleaved steps after one "
+             "warm-up. saved: bytes "
              "autograd keeps for backward (unique storages). peak RSS: a fresh process running "
              "two steps; step RSS: its growth during the steps.", "", modes_table(rows), ""]
     parts += goals(rows, args.quick)
     if not args.no_sweep:
         size, timed = (32, 0) if args.quick else (224, 8)
-        srows = sweep(size, timed, repeats=3)
+        srows = sweep(size, timed, repeats=3, clock=clock)
         parts += ["", f"### Batch-size sweep: resnet50 at {size}x{size}", "",
                   "Saved-for-backward MiB per training step; step time only for batch "
                   f"≤ {timed}." if timed else "Saved-for-backward MiB per training step.", "",

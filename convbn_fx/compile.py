@@ -5,7 +5,9 @@ placeholders or `get_attr` nodes). Both entry points rewrite every foldable bloc
 graph with `match_functional.tune_graph` before AOTAutograd traces it, so the fold reaches
 the backward graph too: BN's elementwise pass and the saved conv output disappear from the
 training step, which inductor's own `efficient_conv_bn_eval_fx_passes` leaves to the
-partitioner. Blocks whose BN has `training=True` are left to run as written.
+partitioner. Blocks whose BN has `training=True` are left to run as written. The folded
+conv runs as one opaque custom op (`convbn_fx::conv_scaled`), so AOTAutograd's partitioner
+keeps x, W and s for backward but never the folded weight W·s (see `conv_scaled_op`).
 
     model = torch.compile(model, backend=convbn_fx.backend)   # or backend="convbn_fx"
 

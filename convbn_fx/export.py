@@ -74,8 +74,9 @@ def tune_exported(ep: ExportedProgram, mode: ModeArg = "auto") -> ExportedProgra
         mode: see `convbn_fx.match_functional.functional_mode` ("auto": TUNE for frozen BN,
             BN with training=True left as it is).
     Returns:
-        A new ExportedProgram with the same inputs, outputs and state_dict keys; `ep` is not
-        changed. Folded blocks have no batch_norm op left.
+        A new ExportedProgram with the same inputs, outputs and state_dict keys (or `ep`
+        itself when no block folds); `ep` is not changed. Folded blocks have no batch_norm
+        op left.
     """
     if not isinstance(ep, ExportedProgram):
         raise ConvBNError(f"tune_exported expects a torch.export.ExportedProgram, got "

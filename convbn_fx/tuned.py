@@ -11,7 +11,9 @@ shows plain torch ops for the lowerings in effect, and the result is never stale
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import sys
 from typing import Callable
 
 import torch
@@ -30,6 +32,25 @@ from .tracing import reads_training_flag, trace
 __all__ = ["TunedGraphModule"]
 
 log = logging.getLogger(__name__)
+
+
+def _eager_only(fn):
+    """Keep torch.compile from tracing `fn` (it edits and recompiles the graph module).
+
+    Unlike `torch.compiler.disable`, importing this module does not import torch._dynamo
+    (seconds of start-up for every user); when Dynamo is not loaded, nothing is compiling.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        disabled = run.__dict__.get("disabled")
+        if disabled is None:
+            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(fn)
+        return disabled(*args, **kwargs)
+
+    return run
 
 
 def _call_checked(self, *args, **kwargs):
@@ -151,7 +172,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         log.warning("%s; using %s for this block instead", problem, auto)
         return auto
 
-    @torch.compiler.disable
+    @_eager_only
     def _convbn_relower(self, strict: bool = False) -> None:
         """Lower every block for the current state and recompile (only when state changed)."""
         old = self._convbn_key

@@ -5,7 +5,8 @@ mode and no parameter requires grad, so `tune_mode`'s auto rule folds every bloc
 constant weights once (Deploy, You et al., arXiv 2305.11624) while the gradient still reaches
 the image. This example attacks a randomly initialised torchvision classifier (weights=None,
 randomised BN statistics, FakeData images) with L-infinity PGD through the unrewritten model
-and through the rewritten one, and exits 1 unless the adversarial examples are the same.
+and through the rewritten one, and exits 1 unless the adversarial examples are the same (up to
+the few pixels whose gradient sign round-off can flip) and fool the model alike.
 
     python examples/adversarial_pgd.py --steps 10
 """
@@ -70,20 +71,29 @@ def main(argv: list[str] | None = None) -> int:
            for name, m in (("unrewritten", model), ("tune_mode", tuned))}
     diff = (adv["unrewritten"] - adv["tune_mode"]).abs()
     with torch.no_grad():
-        still = {name: (model(a).argmax(1) == y).float().mean().item() for name, a in adv.items()}
-    print(f"PGD, {args.steps} steps, eps {args.eps:.4f}: predictions kept "
-          f"{still['unrewritten']:.0%} (unrewritten) vs {still['tune_mode']:.0%} (tune_mode)")
+        logits = {name: model(a) for name, a in (("clean", x), *adv.items())}
+    preds = {name: out.argmax(1) for name, out in logits.items()}
+    loss = {name: nn.functional.cross_entropy(out, y).item() for name, out in logits.items()}
+    print(f"PGD, {args.steps} steps, eps {args.eps:.4f}: loss {loss['clean']:.4f} clean -> "
+          f"{loss['unrewritten']:.4f} (unrewritten) / {loss['tune_mode']:.4f} (tune_mode); "
+          f"predictions changed {(preds['unrewritten'] != y).sum().item()} / "
+          f"{(preds['tune_mode'] != y).sum().item()} of {len(y)}")
+    differ = (diff > 1e-6).sum().item()
     print(f"adversarial examples: max |diff| {diff.max().item():.1e}, "
-          f"{(diff > 0).sum().item()} of {diff.numel()} pixels differ")
+          f"{differ} of {diff.numel()} pixels differ")
+    if differ:
+        # Seen with the defaults: at the last step one ReLU input is 8e-7 in float64, and
+        # round-off puts it on the other side of zero; pixels whose gradient is that small
+        # then take the other sign. Same attack, a different roll of round-off.
+        print("  (a ReLU input within round-off of zero can flip the sign of small pixel "
+              "gradients; the attack is otherwise the same)")
 
     failed = False
     if any(b.lowering is not convbn_fx.Mode.DEPLOY for b in blocks):
         print("FAIL: auto did not pick DEPLOY for every block of a frozen model")
         failed = True
-    # A pixel whose gradient is round-off small can take the other sign; anything more than a
-    # handful of such pixels would be a wrong gradient.
-    if (diff > 1e-6).float().mean().item() > 1e-3:
-        print("FAIL: the adversarial examples differ")
+    if differ > 0.01 * diff.numel() or not torch.equal(preds["unrewritten"], preds["tune_mode"]):
+        print("FAIL: the adversarial examples differ beyond round-off flips")
         failed = True
     print("FAIL" if failed else "OK: same adversarial examples, Deploy picked automatically")
     return 1 if failed else 0
