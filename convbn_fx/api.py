@@ -17,7 +17,7 @@ from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
 from .kinds import block_types
 from .modes import ModeArg, normalize_mode
-from .tracing import has_blocks_inside, trace
+from .tracing import has_blocks_inside, trace_graph
 from .tuned import TunedGraphModule
 
 __all__ = ["tune_mode", "describe"]
@@ -51,15 +51,14 @@ class _Untraceable(Exception):
 
 def _tune_whole(model: nn.Module, mode, prefix: str = "") -> TunedGraphModule:
     if isinstance(model, torch.fx.GraphModule):
-        traced = torch.fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        return TunedGraphModule(model, traced, mode, prefix=prefix)
+        return TunedGraphModule(model, copy.deepcopy(model.graph), mode, prefix=prefix)
     try:
-        traced = trace(model)
+        graph = trace_graph(model)
     except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
         raise _Untraceable(f"{type(model).__name__}: {_one_line(exc)}") from exc
     # Errors past this point (a policy raising, a forced mode that does not fit) are the
     # user's to see, not a reason to trace in parts.
-    return TunedGraphModule(model, traced, mode, source=model, prefix=prefix)
+    return TunedGraphModule(model, graph, mode, source=model, prefix=prefix)
 
 
 def _tune_parts(module: nn.Module, mode, inplace: bool, errors: list[str],

@@ -87,6 +87,7 @@ class _ConvScaledWeight(torch.autograd.Function):
         ctx.config = config
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.compute_dtype = output.dtype  # differs from x's under autocast
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -95,17 +96,18 @@ class _ConvScaledWeight(torch.autograd.Function):
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
         w = scale_weight(weight, scale, transposed, groups)  # recomputed, never stored
         dtype = ctx.compute_dtype  # backward of autocast's casts: compute as forward did
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        # A transposed conv's bias gradient sums naively on CPU (~100x float32's eps off);
+        # torch.sum is as accurate as BN's own backward. Plain convs get it from the kernel.
+        bias_here = need_b and ctx.bias_sizes is not None and not transposed
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), x.to(dtype), w.to(dtype), ctx.bias_sizes, stride, padding,
-            dilation, transposed, output_padding, groups, [need_x, need_w or need_s, False],
+            dilation, transposed, output_padding, groups, [need_x, need_w or need_s, bias_here],
         )
         grad_x = grad_x.to(x.dtype) if grad_x is not None else None
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        # b' carries β's gradient; aten's transposed-conv bias gradient sums naively on CPU
-        # (~100x float32's eps off), torch.sum is as accurate as BN's own backward.
-        grad_b = None
-        if need_b and ctx.bias_sizes is not None:
+        if need_b and ctx.bias_sizes is not None and transposed:
             grad_b = grad_out.sum([0] + list(range(2, grad_out.dim())))
+        grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
         grad_weight = scale_weight(grad_w, scale, transposed, groups) if need_w else None
         grad_scale = channel_sum(grad_w * weight, transposed, groups) if need_s else None
         return (grad_x, grad_weight, grad_scale, grad_b) + (None,) * 6
@@ -130,14 +132,17 @@ def conv_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                    list(dilation), transposed, list(output_padding), groups)
 
 
-def _fold(weight, bias, mean, var, gamma, beta, eps, transposed, groups):
+def scale_and_shift(bias, mean, var, gamma, beta, eps):
+    """`s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)`, with absent b, γ, β left out."""
     scale = torch.rsqrt(var + eps)
     if gamma is not None:
         scale = gamma * scale
-    shift = -mean if bias is None else bias - mean
-    shift = scale * shift
-    if beta is not None:
-        shift = beta + shift
+    shift = scale * (-mean if bias is None else bias - mean)
+    return scale, shift if beta is None else beta + shift
+
+
+def _fold(weight, bias, mean, var, gamma, beta, eps, transposed, groups):
+    scale, shift = scale_and_shift(bias, mean, var, gamma, beta, eps)
     return scale_weight(weight, scale, transposed, groups), shift
 
 
@@ -243,13 +248,7 @@ def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """
     if x.dim() != 2:
         return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
-    scale = torch.rsqrt(var + eps)
-    if gamma is not None:
-        scale = gamma * scale
-    shift = scale * (-mean if bias is None else bias - mean)
-    if beta is not None:
-        shift = beta + shift
-    return linear_scaled(x, weight, scale, shift)
+    return linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
 
 
 def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .kinds import all_bn_types, leaf_types
 
-__all__ = ["ConvBNTracer", "trace", "reads_training_flag", "has_blocks_inside"]
+__all__ = ["ConvBNTracer", "trace", "trace_graph", "reads_training_flag", "has_blocks_inside"]
 
 
 class ConvBNTracer(torch.fx.Tracer):
@@ -28,11 +28,14 @@ class ConvBNTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
+def trace_graph(model: nn.Module) -> torch.fx.Graph:
     """Symbolically trace `model`; raises whatever torch.fx raises when it cannot."""
-    graph = ConvBNTracer().trace(model)
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(model, graph, name)
+    return ConvBNTracer().trace(model)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """`trace_graph` as a GraphModule over `model`."""
+    return torch.fx.GraphModule(model, trace_graph(model), model.__class__.__name__)
 
 
 def reads_training_flag(module: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from .matching import find_blocks
 from .modes import Mode, auto_mode
 from .passes import registry_version
 from .rewrite import copy_graph, lower_graph
-from .tracing import reads_training_flag, trace
+from .tracing import reads_training_flag, trace_graph
 
 __all__ = ["TunedGraphModule"]
 
@@ -76,9 +76,13 @@ def _traced_through_branchy(gm: torch.fx.GraphModule, template: torch.fx.Graph) 
 class TunedGraphModule(torch.fx.GraphModule):
     """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
 
-    def __init__(self, root: nn.Module, traced: torch.fx.GraphModule, mode,
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, mode,
                  source: nn.Module | None = None, prefix: str = ""):
-        super().__init__(traced, traced.graph, type(root).__name__)
+        # Start from an empty graph: generating code for the traced graph only to replace it
+        # at once would cost a third of tune_mode's time. The lowered graph is compiled once.
+        stub = torch.fx.Graph()
+        stub.output(None)
+        super().__init__(root, stub, type(root).__name__)
         # Hold the root's whole module tree, not just the modules the graph calls, so the
         # state_dict keys (and unused submodules) are exactly the input's.
         for name, child in root.named_children():
@@ -87,6 +91,10 @@ class TunedGraphModule(torch.fx.GraphModule):
             self.register_parameter(name, p)
         for name, b in root.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
+        for node in graph.nodes:  # other root attributes the graph reads (traced constants)
+            if node.op == "get_attr" and "." not in node.target \
+                    and not hasattr(self, node.target):
+                setattr(self, node.target, getattr(root, node.target))
         self.training = root.training
         self._convbn_mode = mode
         self._convbn_prefix = prefix  # where this part sits in the model, for policies
@@ -95,7 +103,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         self.__dict__["_convbn_source"] = source
         self._convbn_key = None
         self._convbn_lowerings: list[Mode | None] = []
-        self._convbn_set_template(traced.graph)
+        self._convbn_set_template(graph)
         self._convbn_relower(strict=True)
 
     # -- state -----------------------------------------------------------------------------
@@ -179,7 +187,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         if self._convbn_source is not None and old is not None \
                 and old[2] != [m.training for m in self._convbn_branchy]:
             self._convbn_source.training = self.training  # the root's flag lives on self
-            self._convbn_set_template(trace(self._convbn_source).graph)
+            self._convbn_set_template(trace_graph(self._convbn_source))
         elif old is not None and old[4] != self._convbn_state()[4]:
             self._convbn_set_template(self._convbn_template)  # hooks changed: match again
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
@@ -236,8 +244,8 @@ class TunedGraphModule(torch.fx.GraphModule):
 
     def with_mode(self, mode) -> "TunedGraphModule":
         """A new TunedGraphModule over the same modules, lowered by another mode rule."""
-        traced = torch.fx.GraphModule(self, copy_graph(self._convbn_template)[0])
-        return TunedGraphModule(self, traced, mode, source=self._convbn_source,
+        return TunedGraphModule(self, copy_graph(self._convbn_template)[0], mode,
+                                source=self._convbn_source,
                                 prefix=self._convbn_prefix)
 
     def set_mode(self, mode) -> None:
