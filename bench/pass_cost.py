@@ -166,8 +166,8 @@ def main(argv=None) -> None:
              f"- {'met' if ratio <= 1.0 else 'MISSED'}: tune_mode(model) ≤ 1× symbolic_trace "
              f"— {ratio:.2f}× (tune_mode traces the model itself, then matches, lowers and "
              "recompiles)", "",
-             "Where tune_mode's time goes (each step timed alone; tune_mode also builds a "
-             "GraphModule of the unlowered graph and its state, so the sum is less):", "",
+             "Where the time goes, each step timed alone (tune_mode generates code only for the "
+             "lowered graph, so it does not pay the second row):", "",
              tabulate(phases(finetune_state(torchvision.models.resnet50(weights=None)),
                              repeats), ["step", "ms"], tablefmt="github"), "",
              "### Chains of Conv2d(4, 4, 1) → BatchNorm2d(4) blocks", "", chain_table(rows), "",
