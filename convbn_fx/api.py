@@ -136,6 +136,8 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
 
 
 def _log_counts(model: nn.Module) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
     counts = Counter(str(b.lowering) if b.lowering else "skipped" for b in describe(model))
     log.info("convbn_fx rewrote %s: %s", type(model).__name__, dict(counts) or "no blocks")
 

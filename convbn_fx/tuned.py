@@ -14,7 +14,7 @@ import copy
 import functools
 import logging
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.fx
@@ -73,6 +73,16 @@ def _traced_through_branchy(gm: torch.fx.GraphModule, template: torch.fx.Graph) 
     return found
 
 
+class _State(NamedTuple):
+    """What the chosen lowerings depend on, read before every call."""
+
+    bn_training: list[bool]         # each frozen-or-not BN of a foldable block
+    requires_grad: list[bool]       # each parameter of a foldable block's conv and BN
+    branch_training: list[bool]     # traced-through modules whose forward reads `training`
+    registry: int                   # the lowering registry's version
+    hooks: list[bool]               # hooks on block modules (folding would skip them)
+
+
 class TunedGraphModule(torch.fx.GraphModule):
     """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
 
@@ -117,20 +127,19 @@ class TunedGraphModule(torch.fx.GraphModule):
         self._convbn_bns = [self.get_submodule(b.bn) for b in foldable
                             if not is_frozen_bn(self.get_submodule(b.bn))]
         self._convbn_owners = list(mods.values())  # parameters are read through these
-        self._convbn_hooked = [self.get_submodule(name) for b in self._convbn_blocks
-                               for name in (b.conv, b.bn)]
+        self._convbn_hooked = list({id(m): m for b in self._convbn_blocks for m in (
+            self.get_submodule(b.conv), self.get_submodule(b.bn))}.values())
         self._convbn_branchy = _traced_through_branchy(self, template) \
             if self._convbn_source is not None else []
 
-    def _convbn_state(self) -> tuple:
+    def _convbn_state(self) -> _State:
         """Everything the chosen lowerings depend on; cheap enough to compute every call."""
-        return (
+        return _State(
             [bn.training for bn in self._convbn_bns],
             [p.requires_grad for m in self._convbn_owners for p in m._parameters.values()
              if p is not None],
             [m.training for m in self._convbn_branchy],
             registry_version(),
-            # Hooks added after the rewrite would silently not run on a folded block.
             [bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                   or m._backward_pre_hooks) for m in self._convbn_hooked],
         )
@@ -183,16 +192,18 @@ class TunedGraphModule(torch.fx.GraphModule):
     @_eager_only
     def _convbn_relower(self, strict: bool = False) -> None:
         """Lower every block for the current state and recompile (only when state changed)."""
-        old = self._convbn_key
-        if self._convbn_source is not None and old is not None \
-                and old[2] != [m.training for m in self._convbn_branchy]:
+        old, now = self._convbn_key, self._convbn_state()
+        if old is not None and self._convbn_source is not None \
+                and old.branch_training != now.branch_training:
             self._convbn_source.training = self.training  # the root's flag lives on self
             self._convbn_set_template(trace_graph(self._convbn_source))
-        elif old is not None and old[4] != self._convbn_state()[4]:
-            self._convbn_set_template(self._convbn_template)  # hooks changed: match again
+        elif old is not None and old.hooks != now.hooks:
+            self._convbn_set_template(self._convbn_template)  # match again: reasons changed
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
-        key = self._convbn_state()
-        if lowerings != self._convbn_lowerings or key[2:] != (old or ())[2:]:
+        key = self._convbn_state()  # the blocks may have changed above
+        structure = (key.branch_training, key.registry, key.hooks)
+        if old is None or lowerings != self._convbn_lowerings \
+                or structure != (old.branch_training, old.registry, old.hooks):
             self.graph = lower_graph(self._convbn_template, self._convbn_blocks, lowerings)
             log.debug("%s relowered: %s", type(self).__name__, lowerings)
         self._convbn_lowerings = lowerings
