@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
-from .kinds import block_types
 from .modes import ModeArg, normalize_mode
+from .parts import Untraceable, one_line, rewrite_parts
 from .tracing import has_blocks_inside, trace_graph
 from .tuned import TunedGraphModule
 
@@ -31,62 +31,16 @@ def _check_module(model, fn: str) -> None:
                           "pass the model itself (or torch.fx.symbolic_trace(model)).")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing every parameter, buffer and child with `module`."""
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    return new
-
-
-class _Untraceable(Exception):
-    """torch.fx could not trace a module; carries the one-line cause."""
-
-
 def _tune_whole(model: nn.Module, mode, prefix: str = "") -> TunedGraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return TunedGraphModule(model, copy.deepcopy(model.graph), mode, prefix=prefix)
     try:
         graph = trace_graph(model)
     except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
-        raise _Untraceable(f"{type(model).__name__}: {_one_line(exc)}") from exc
+        raise Untraceable(f"{type(model).__name__}: {one_line(exc)}") from exc
     # Errors past this point (a policy raising, a forced mode that does not fit) are the
     # user's to see, not a reason to trace in parts.
     return TunedGraphModule(model, graph, mode, source=model, prefix=prefix)
-
-
-def _tune_parts(module: nn.Module, mode, inplace: bool, errors: list[str],
-                prefix: str = "") -> nn.Module:
-    """Rewrite the largest traceable submodules of `module`; returns it, or a shallow copy."""
-    replaced = {}
-    for name, child in module.named_children():
-        if isinstance(child, TunedGraphModule):
-            new = tune_mode(child, mode, inplace=inplace)
-            if new is not child:
-                replaced[name] = new
-            continue
-        if isinstance(child, block_types()) or not has_blocks_inside(child):
-            continue  # a lone conv or BN is no block: tracing it alone gains nothing
-        path = f"{prefix}{name}"
-        try:
-            replaced[name] = _tune_whole(child, mode, prefix=path)
-        except _Untraceable as exc:
-            errors.append(f"{path}: {exc}")
-            new = _tune_parts(child, mode, inplace, errors, prefix=f"{path}.")
-            if new is not child:
-                replaced[name] = new
-    if not replaced:
-        return module
-    target = module if inplace else _shallow_copy(module)
-    for name, new in replaced.items():
-        target._modules[name] = new
-    return target
 
 
 def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False) -> nn.Module:
@@ -114,9 +68,15 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
         return model.with_mode(mode)
     try:
         tuned = _tune_whole(model, mode)
-    except _Untraceable as exc:
+    except Untraceable as exc:
         errors = [str(exc)]
-        result = _tune_parts(model, mode, inplace, errors)
+
+        def rewrite(child: nn.Module, path: str) -> nn.Module:
+            if isinstance(child, TunedGraphModule):  # rewritten before: only the mode changes
+                return tune_mode(child, mode, inplace=inplace)
+            return _tune_whole(child, mode, prefix=path)
+
+        result = rewrite_parts(model, rewrite, inplace=inplace, errors=errors)
         if not any(isinstance(m, TunedGraphModule) for m in result.modules()):
             raise TraceError(
                 f"could not trace {type(model).__name__} or any submodule holding a conv/BN "

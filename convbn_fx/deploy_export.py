@@ -20,9 +20,10 @@ from .api import _check_module
 from .blocks import Block
 from .errors import TraceError
 from .folding import scale_weight
-from .kinds import bn_base, conv_base, is_frozen_bn
+from .kinds import is_frozen_bn
 from .matching import find_blocks
-from .tracing import has_blocks_inside, trace
+from .parts import Untraceable, one_line, rewrite_parts
+from .tracing import trace
 from .tuned import TunedGraphModule
 
 __all__ = ["deploy_mode"]
@@ -112,23 +113,6 @@ def _graph_module(module: nn.Module) -> torch.fx.GraphModule:
     return trace(module)
 
 
-def _fold_parts(module: nn.Module, prefix: str, errors: list[str]) -> bool:
-    """Replace the largest traceable children of `module` by folded GraphModules, in place."""
-    done = False
-    for name, child in module.named_children():
-        if conv_base(child) or bn_base(child) or not has_blocks_inside(child):
-            continue
-        try:
-            gm = _graph_module(child)
-        except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
-            errors.append(f"{prefix}{name}: {type(exc).__name__}")
-            done |= _fold_parts(child, f"{prefix}{name}.", errors)
-            continue
-        setattr(module, name, _fold_graph(gm, f"{prefix}{name}."))
-        done = True
-    return done
-
-
 def deploy_mode(model: nn.Module) -> nn.Module:
     """Fold every frozen conv→BN block into a new conv and remove the BN: for inference/export.
 
@@ -154,8 +138,18 @@ def deploy_mode(model: nn.Module) -> nn.Module:
     try:
         gm = _graph_module(model)
     except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
-        errors = [f"{type(model).__name__}: {type(exc).__name__}: {exc}".splitlines()[0]]
-        if not _fold_parts(model, "", errors):
+        errors, parts = [f"{type(model).__name__}: {one_line(exc)}"], []
+
+        def fold(child: nn.Module, path: str) -> nn.Module:
+            try:
+                part = _graph_module(child)
+            except Exception as exc:  # any torch.fx failure: descend into the child
+                raise Untraceable(one_line(exc)) from exc
+            parts.append(path)
+            return _fold_graph(part, f"{path}.")
+
+        rewrite_parts(model, fold, inplace=True, errors=errors)
+        if not parts:
             raise TraceError(
                 f"deploy_mode could not trace {type(model).__name__} or any submodule holding "
                 f"a conv with torch.fx ({errors[0]}); make its forward traceable or pass the "
