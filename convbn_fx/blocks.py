@@ -17,7 +17,7 @@ import torch.fx
 
 from .modes import Mode
 
-__all__ = ["Block", "BlockInfo", "ConvConfig", "Source", "TENSORS"]
+__all__ = ["Block", "BlockInfo", "ConvConfig", "Source", "TENSORS", "same_padding"]
 
 Source = Union[str, torch.fx.Node, None]
 
@@ -37,6 +37,21 @@ class ConvConfig:
     groups: int
     pre_pad: tuple[int, ...] | None = None  # F.pad amounts applied first (padding_mode, 'same')
     pad_mode: str = "constant"               # F.pad mode for pre_pad
+
+
+def same_padding(kernel_size, dilation) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """`padding='same'` as (symmetric conv padding, F.pad amounts or None).
+
+    An even total (dilation·(k−1)) is split evenly; an odd one puts the extra element on the
+    right, as torch does, which a conv's own symmetric padding cannot express.
+    """
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if all(t % 2 == 0 for t in totals):
+        return tuple(t // 2 for t in totals), None
+    pre_pad: list[int] = []
+    for t in reversed(totals):  # F.pad takes the last dim first, left then right
+        pre_pad += [t // 2, t - t // 2]
+    return (0,) * len(totals), tuple(pre_pad)
 
 
 @dataclass

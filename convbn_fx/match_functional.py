@@ -33,7 +33,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .blocks import Block, BlockInfo, ConvConfig
+from .blocks import Block, BlockInfo, ConvConfig, same_padding
 from .errors import ModeError
 from .modes import Mode, ModeArg, normalize_mode
 from .rewrite import lower_in_place
@@ -198,13 +198,7 @@ def _same_padding(weight: torch.fx.Node, dilation: tuple[int, ...]):
     shape = _shape(weight)
     if shape is None:
         return None
-    totals = [d * (k - 1) for d, k in zip(dilation, shape[2:])]
-    if all(t % 2 == 0 for t in totals):
-        return tuple(t // 2 for t in totals), None
-    pre_pad = []
-    for t in reversed(totals):  # F.pad takes the last dim first, left then right
-        pre_pad += [t // 2, t - t // 2]
-    return (0,) * len(totals), tuple(pre_pad)
+    return same_padding(shape[2:], dilation)
 
 
 def _conv_config(target: Any, args: dict[str, Any]) -> tuple[ConvConfig | None, str | None]:

@@ -14,7 +14,7 @@ import inspect
 import torch.fx
 import torch.nn as nn
 
-from .blocks import Block, ConvConfig
+from .blocks import Block, ConvConfig, same_padding
 from .kinds import bn_base, bn_spatial_dims, conv_base, is_frozen_bn, is_linear, overrides_forward
 
 __all__ = ["find_blocks", "node_input"]
@@ -39,12 +39,10 @@ def _conv_config(conv: nn.Module) -> ConvConfig:
     transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
     dims = len(conv.kernel_size)
     padding, pre_pad, pad_mode = conv.padding, None, "constant"
-    if isinstance(padding, str):  # 'valid' or 'same'; 'same' may pad one more on one side
+    if padding == "valid":
         padding = (0,) * dims
-        if conv.padding == "same":
-            pre_pad = tuple(conv._reversed_padding_repeated_twice)
-            if all(a == b for a, b in zip(pre_pad[::2], pre_pad[1::2])):
-                padding, pre_pad = tuple(pre_pad[::-2]), None
+    elif padding == "same":  # may pad one more on one side
+        padding, pre_pad = same_padding(conv.kernel_size, conv.dilation)
     if conv.padding_mode != "zeros":
         pre_pad, pad_mode = tuple(conv._reversed_padding_repeated_twice), conv.padding_mode
         padding = (0,) * dims
