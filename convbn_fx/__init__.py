@@ -11,7 +11,9 @@ from .blocks import BlockInfo
 from .deploy_export import deploy_mode
 from .errors import ConvBNError, LoweringError, ModeError, TraceError
 from .export import tune_exported
-from .kinds import declare_leaf, declare_safe
+from .kinds import declare_frozen_norm, declare_leaf, declare_safe
+from .parts import TunedPart
+from .tracing import declare_leaf_function
 from .modes import Mode
 from .passes import get_lowerings, register_lowering
 from .tuned import TunedGraphModule
@@ -20,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "tune_mode", "describe", "Mode", "BlockInfo", "register_lowering", "get_lowerings",
-    "declare_safe", "declare_leaf", "TunedGraphModule", "ConvBNError", "TraceError", "ModeError",
+    "declare_safe", "declare_leaf", "declare_frozen_norm", "declare_leaf_function",
+    "TunedGraphModule", "TunedPart", "ConvBNError", "TraceError", "ModeError",
     "LoweringError", "deploy_mode", "backend", "pre_grad_pass", "tune_exported",
 ]
 

@@ -1,7 +1,9 @@
 """The user-facing entry points: `tune_mode` rewrites a model, `describe` reports on it.
 
-A model that does not trace whole (detection models, with data-dependent Python) is handled
-by tracing the largest submodules that do, recursively, and leaving the rest as Python.
+A model is traced whole where it can be. What the tracer keeps as a call (a submodule that
+does not trace, one with hooks, a checkpointing wrapper) is rewritten on its own as a part
+that stays an instance of its class; a model whose own forward does not trace (detection
+models, with data-dependent Python) is rewritten in its largest submodules that do.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import torch.nn as nn
 
 from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
+from .kinds import block_types, has_hooks, is_declared_leaf
 from .modes import ModeArg, normalize_mode
-from .parts import Untraceable, one_line, rewrite_parts
-from .tracing import has_blocks_inside, trace_graph
+from .parts import (TunedPart, Untraceable, is_rewritten, make_part, one_line,
+                    replace_submodules, rewrite_parts, shallow_copy)
+from .tracing import Trace, has_blocks_inside, trace_graph
 from .tuned import TunedGraphModule
 
 __all__ = ["tune_mode", "describe"]
@@ -31,16 +35,86 @@ def _check_module(model, fn: str) -> None:
                           "pass the model itself (or torch.fx.symbolic_trace(model)).")
 
 
-def _tune_whole(model: nn.Module, mode, prefix: str = "") -> TunedGraphModule:
-    if isinstance(model, torch.fx.GraphModule):
-        return TunedGraphModule(model, copy.deepcopy(model.graph), mode, prefix=prefix)
-    try:
-        graph = trace_graph(model)
-    except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
-        raise Untraceable(f"{type(model).__name__}: {one_line(exc)}") from exc
-    # Errors past this point (a policy raising, a forced mode that does not fit) are the
-    # user's to see, not a reason to trace in parts.
-    return TunedGraphModule(model, graph, mode, source=model, prefix=prefix)
+class _Rewriter:
+    """One `tune_mode` call's walk: a mode, whether to copy, and the trace failures seen."""
+
+    def __init__(self, mode, inplace: bool):
+        self.mode, self.inplace, self.errors = mode, inplace, []
+
+    def whole(self, module: nn.Module, prefix: str = "", as_part: bool = False) -> nn.Module:
+        """`module` traced and rewritten whole; raises Untraceable when its forward won't trace.
+
+        Returns a TunedGraphModule, or a part of the module's own class when `as_part` (the
+        untraced Python around it reads its attributes) or when the module has hooks (only a
+        call of the module object itself runs them).
+        """
+        if is_rewritten(module):
+            return self.remode(module)
+        if isinstance(module, torch.fx.GraphModule) and not as_part:
+            return TunedGraphModule(module, copy.deepcopy(module.graph), self.mode,
+                                    prefix=prefix)
+        try:
+            traced = trace_graph(module)
+        except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
+            raise Untraceable(f"{type(module).__name__}: {one_line(exc)}") from exc
+        # Errors past this point (a policy raising, a forced mode that does not fit) are the
+        # user's to see, not a reason to trace in parts.
+        root = self.kept_calls(module, traced, prefix)
+
+        def build(view: nn.Module) -> TunedGraphModule:
+            return TunedGraphModule(view, traced.graph, self.mode, source=view, prefix=prefix,
+                                    opaque=traced.opaque)
+
+        if as_part or has_hooks(module):
+            return make_part(root, build, inplace=self.inplace)
+        return build(root)
+
+    def kept_calls(self, module: nn.Module, traced: Trace, prefix: str) -> nn.Module:
+        """`module` with the submodules its trace kept as calls rewritten on their own."""
+        replacements = {}
+        for target in dict.fromkeys(n.target for n in traced.graph.nodes
+                                    if n.op == "call_module"):
+            child = module.get_submodule(target)
+            if isinstance(child, block_types()) or not has_blocks_inside(child):
+                continue
+            path = f"{prefix}.{target}" if prefix else target
+            if is_declared_leaf(child) or target in traced.opaque:
+                new = self.parts(child, path)  # its own forward runs as written
+            else:
+                new = self.part_or_parts(child, path)
+            if new is not child:
+                replacements[target] = new
+        return replace_submodules(module, replacements, inplace=self.inplace)
+
+    def part_or_parts(self, child: nn.Module, path: str) -> nn.Module:
+        try:
+            return self.whole(child, path, as_part=True)
+        except Untraceable as exc:
+            self.errors.append(f"{path}: {exc}")
+            return self.parts(child, path)
+
+    def parts(self, module: nn.Module, prefix: str) -> nn.Module:
+        """`module` with its largest traceable children rewritten, recursively."""
+        return rewrite_parts(module, lambda child, path: self.whole(child, path, as_part=True),
+                             inplace=self.inplace, errors=self.errors,
+                             prefix=f"{prefix}." if prefix else "")
+
+    def remode(self, module: nn.Module) -> nn.Module:
+        """A rewritten module (or part) with this walk's mode, sharing everything."""
+        gm = module.__dict__["_convbn_part"] if isinstance(module, TunedPart) else module
+        if gm.convbn_mode == self.mode:
+            return module
+        if self.inplace:
+            gm.set_mode(self.mode)
+            return module
+        if not isinstance(module, TunedPart):
+            return gm.with_mode(self.mode)
+        new_gm = gm.with_mode(self.mode)
+        part = shallow_copy(module)
+        for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            new_gm.__dict__[key] = part.__dict__[key]
+        part.__dict__["_convbn_part"] = new_gm
+        return part
 
 
 def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False) -> nn.Module:
@@ -55,42 +129,38 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
             are shared with the input either way.
     Returns:
         A `TunedGraphModule` when the whole model traces, else the model (or, unless
-        `inplace`, a shallow copy of it) with its largest traceable parts rewritten.
+        `inplace`, a shallow copy of it) with its traceable parts rewritten; parts keep their
+        class. A model without BN that does not trace comes back as it is.
     """
     _check_module(model, "tune_mode")
     mode = normalize_mode(mode)
-    if isinstance(model, TunedGraphModule):
-        if model.convbn_mode == mode:
-            return model
-        if inplace:
-            model.set_mode(mode)
-            return model
-        return model.with_mode(mode)
+    walk = _Rewriter(mode, inplace)
     try:
-        tuned = _tune_whole(model, mode)
+        tuned = walk.whole(model)
     except Untraceable as exc:
-        errors = [str(exc)]
-
-        def rewrite(child: nn.Module, path: str) -> nn.Module:
-            if isinstance(child, TunedGraphModule):  # rewritten before: only the mode changes
-                return tune_mode(child, mode, inplace=inplace)
-            return _tune_whole(child, mode, prefix=path)
-
-        result = rewrite_parts(model, rewrite, inplace=inplace, errors=errors)
-        if not any(isinstance(m, TunedGraphModule) for m in result.modules()):
+        walk.errors.insert(0, str(exc))
+        result = walk.parts(model, "")
+        if not any(is_rewritten(m) for m in result.modules()):
+            if not has_blocks_inside(model):
+                log.info("%s does not trace and has no BN: nothing to rewrite",
+                         type(model).__name__)
+                return model
             raise TraceError(
                 f"could not trace {type(model).__name__} or any submodule holding a conv/BN "
-                f"with torch.fx ({errors[0]}); make its forward traceable or pass the "
+                f"with torch.fx ({walk.errors[0]}); make its forward traceable or pass the "
                 "submodule to rewrite.") from None
-        log.info("%s traced in parts: %s", type(model).__name__, "; ".join(errors))
+        log.info("%s traced in parts: %s", type(model).__name__, "; ".join(walk.errors))
         _log_counts(result)
         return result
-    if inplace and isinstance(model, torch.fx.GraphModule):
+    if inplace and isinstance(model, torch.fx.GraphModule) and tuned is not model:
         model.graph = tuned.graph  # keeps the caller's object; the state check needs ours
         model.__class__ = type(tuned)
         model.__dict__.update({k: v for k, v in tuned.__dict__.items()
                                 if k.startswith("_convbn_")})
         tuned = model
+    if walk.errors:
+        log.info("%s: submodules kept as calls: %s", type(model).__name__,
+                 "; ".join(walk.errors))
     _log_counts(tuned)
     return tuned
 
@@ -102,6 +172,15 @@ def _log_counts(model: nn.Module) -> None:
     log.info("convbn_fx rewrote %s: %s", type(model).__name__, dict(counts) or "no blocks")
 
 
+def _graph_modules(module: nn.Module):
+    """(qualified name, TunedGraphModule) for every rewritten graph in the module's tree."""
+    for name, m in module.named_modules():
+        if isinstance(m, TunedPart):
+            yield name, m.__dict__["_convbn_part"]
+        elif isinstance(m, TunedGraphModule):
+            yield name, m
+
+
 def describe(module: nn.Module) -> list[BlockInfo]:
     """The conv→BN blocks of a module and the lowering each runs with in its current state.
 
@@ -109,7 +188,10 @@ def describe(module: nn.Module) -> list[BlockInfo]:
     do (a dry run: the module is not changed).
     """
     _check_module(module, "describe")
-    parts = [(name, m) for name, m in module.named_modules() if isinstance(m, TunedGraphModule)]
+    parts = list(_graph_modules(module))
     if not parts:
-        return describe(tune_mode(module)) if has_blocks_inside(module) else []
+        if not has_blocks_inside(module):
+            return []
+        tuned = tune_mode(module)
+        return describe(tuned) if tuned is not module else []
     return [info for name, m in parts for info in m.block_infos(name)]

@@ -69,6 +69,7 @@ class Block:
     bn_ranks: tuple[int, ...] | None = None   # linear: output ranks the BN accepts (None: any)
     tensors: dict[str, Source] = field(default_factory=dict)   # keys: TENSORS
     eps: float = 1e-5
+    epilogue: tuple[str, ...] = ()  # modules applied after the norm (timm's drop, act)
     reason: str | None = None       # why it is not folded; None when foldable
 
     @property

@@ -31,6 +31,7 @@ from .errors import ConvBNError
 from .modes import Mode
 from .testing import finetune_state, frozen_state
 from .tracing import has_blocks_inside
+from .parts import TunedPart
 from .tuned import TunedGraphModule
 
 __all__ = ["main", "Report", "build_model", "make_report", "SCHEMA_VERSION"]
@@ -290,7 +291,7 @@ def make_report(model: nn.Module, spec: str, state: str = "finetune",
         tuned, blocks = None, []
     whole = tuned is None or isinstance(tuned, TunedGraphModule)
     parts = [] if whole else [name for name, m in tuned.named_modules()
-                              if isinstance(m, TunedGraphModule)]
+                              if isinstance(m, (TunedGraphModule, TunedPart))]
     return Report(spec, type(model).__name__, state, mode, whole, parts, blocks)
 
 

@@ -163,16 +163,19 @@ def _stamp(tensors) -> tuple:
 def frozen_fold(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
                 var: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                 eps: float, transposed: bool = False, groups: int = 1,
-                watch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                watch: torch.Tensor | None = None,
+                cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Deploy's constant (W·s, b'): folded once, refolded whenever an input tensor changes.
 
     The result carries no gradient to the block's parameters (Deploy is chosen only when none
     requires one); gradients still flow to the conv's input through the conv that uses it.
     `watch` is BN's `num_batches_tracked`: a training-mode BN forward updates the running
     statistics inside the kernel without bumping their version, but it does bump that counter.
+    `cache=False` when an input is computed on every call (a standardised weight): a fresh
+    tensor may reuse a dead one's id, storage and version, so its stamp proves nothing.
     """
     tensors = (weight, bias, mean, var, gamma, beta)
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if (not cache or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.is_inference_mode_enabled()):
         # Compilers constant-fold this themselves; inference tensors must not be cached, as
         # they cannot be used later outside inference mode.
@@ -255,9 +258,10 @@ def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
                      beta: torch.Tensor | None, eps: float,
                      bn_ranks: Sequence[int] | None = (2, 3),
-                     watch: torch.Tensor | None = None) -> torch.Tensor:
+                     watch: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
     """Deploy for Linear→BN: the cached `frozen_fold` on rank-2 input, else the unfolded block."""
     if x.dim() != 2:
         return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
-    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch)
+    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
+                                     cache=cache)
     return F.linear(x, folded_w, folded_b)

@@ -1,23 +1,32 @@
-"""Which modules are convolutions and which are batch norms, and which subclasses are safe.
+"""Which modules are convolutions and norms, which the tracer keeps whole, and which it enters.
 
 Folding rewrites `bn(conv(x))` from the modules' *attributes* (weight, stride, running_var...),
-so it is only right when the modules' `forward` is the stock one: a subclass that standardises
-its weight or pads in `forward` computes something else. Such subclasses are refused unless
-the user declares them safe with `declare_safe`. A Linear counts as the "conv" of a block
-(Linear→BatchNorm1d). User modules the tracer must not enter are declared with `declare_leaf`.
+so a module kept whole as one call is only folded when its `forward` is the stock one. A
+subclass that overrides `forward` (timm's BatchNormAct2d, Conv2dSame, StdConv2d) is instead
+traced *through*: what its forward really computes (`F.batch_norm`, then drop and act;
+`pad_same`, then `F.conv2d`; a standardised weight) is matched in the graph, so the real
+forward decides, not the class name. `declare_safe` keeps a subclass whole anyway.
+
+Norms whose forward is plain arithmetic on frozen buffers (torchvision's and timm's
+FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) cannot be matched from their arithmetic; they
+are kept whole and described by a `FrozenNorm` entry: which buffers hold the statistics and
+which submodules run after the normalisation (the epilogue). `declare_frozen_norm` adds one.
+Third-party classes are recognised only once their package is imported (no dependency).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from .errors import ConvBNError
 
-__all__ = ["CONV_TYPES", "LINEAR_TYPES", "BN_TYPES", "conv_base", "bn_base", "declare_safe",
-           "declare_leaf", "leaf_types", "block_types", "bn_spatial_dims", "is_frozen_bn",
-           "is_linear"]
+__all__ = ["CONV_TYPES", "LINEAR_TYPES", "BN_TYPES", "FrozenNorm", "conv_base", "bn_base",
+           "declare_safe", "declare_leaf", "declare_frozen_norm", "frozen_norm", "is_frozen_bn",
+           "is_plain", "is_linear", "keeps_whole", "block_types", "all_bn_types",
+           "bn_spatial_dims", "has_hooks", "overrides_forward", "opaque_types", "is_declared_leaf"]
 
 CONV_TYPES: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -28,24 +37,65 @@ BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn
 # Methods whose override changes what the module computes from its attributes.
 _FORWARD_METHODS = ("forward", "_conv_forward", "_check_input_dim")
 
+
+@dataclass(frozen=True)
+class FrozenNorm:
+    """A norm computing `epilogue((x − running_mean)·weight/√(running_var+eps) + bias)`.
+
+    The four tensors are buffers (or parameters) of those names and `eps` an attribute; the
+    epilogue names submodules applied in order to the normalised output (timm: drop, act).
+    """
+
+    epilogue: tuple[str, ...] = ()
+
+
+# (module, class name) of known frozen norms, looked up only when the module is imported.
+_KNOWN_FROZEN = {
+    ("torchvision.ops.misc", "FrozenBatchNorm2d"): FrozenNorm(),
+    ("timm.layers.norm_act", "FrozenBatchNormAct2d"): FrozenNorm(("drop", "act")),
+}
+# Wrappers whose forward must run as written (it checkpoints or offloads its child): the
+# tracer keeps them whole and the wrapped module is rewritten on its own.
+_KNOWN_OPAQUE = (("torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
+                  "ActivationWrapper"),)
+
 _safe_classes: set[type] = set()
 _leaf_classes: set[type] = set()
+_frozen_classes: dict[type, FrozenNorm] = {}
 
 
-def _frozen_bn_type() -> type | None:
-    # torchvision is optional: if a model holds a FrozenBatchNorm2d, torchvision is imported.
-    misc = sys.modules.get("torchvision.ops.misc")
-    return getattr(misc, "FrozenBatchNorm2d", None)
+def _imported(known) -> dict[type, object]:
+    found = {}
+    for (module, name), value in known.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            found[cls] = value
+    return found
+
+
+def _frozen_norms() -> dict[type, FrozenNorm]:
+    return {**_imported(_KNOWN_FROZEN), **_frozen_classes}
+
+
+def frozen_norm(module: nn.Module) -> FrozenNorm | None:
+    """The FrozenNorm entry of the module's class (or a base), else None."""
+    kinds = _frozen_norms()
+    for cls in type(module).__mro__:
+        if cls in kinds:
+            return kinds[cls]
+    return None
 
 
 def is_frozen_bn(module: nn.Module) -> bool:
-    frozen = _frozen_bn_type()
-    return frozen is not None and isinstance(module, frozen)
+    return frozen_norm(module) is not None
+
+
+def opaque_types() -> tuple[type, ...]:
+    return tuple(_imported({k: None for k in _KNOWN_OPAQUE}))
 
 
 def all_bn_types() -> tuple[type, ...]:
-    frozen = _frozen_bn_type()
-    return BN_TYPES + ((frozen,) if frozen is not None else ())
+    return BN_TYPES + tuple(_frozen_norms())
 
 
 def _base(module: nn.Module, bases: tuple[type, ...]) -> type | None:
@@ -65,7 +115,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def bn_base(module: nn.Module) -> type | None:
-    """The stock BN class `module` is (or derives from), else None."""
+    """The stock BN class (or frozen norm) `module` is (or derives from), else None."""
     return _base(module, all_bn_types())
 
 
@@ -77,13 +127,39 @@ def overrides_forward(module: nn.Module, base: type) -> bool:
     return any(getattr(cls, m, None) is not getattr(base, m, None) for m in _FORWARD_METHODS)
 
 
-def declare_safe(cls: type) -> type:
-    """Declare a conv or BN subclass safe to fold although it overrides `forward`.
+def is_plain(module: nn.Module) -> bool:
+    """A conv, Linear or norm whose forward is its stock base's (or declared safe/frozen)."""
+    if is_frozen_bn(module):
+        return True
+    base = conv_base(module) or bn_base(module)
+    return base is not None and not overrides_forward(module, base)
 
-    Use it (also as a class decorator) for subclasses whose `forward` only adds logging or
-    checks and computes exactly what the stock module computes from the same attributes.
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward or backward hooks: a traced graph would skip them unless the module is a call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def is_declared_leaf(module: nn.Module) -> bool:
+    """Declared with `declare_leaf`, or a wrapper whose forward must run as written."""
+    return isinstance(module, tuple(_leaf_classes) + opaque_types())
+
+
+def keeps_whole(module: nn.Module) -> bool:
+    """Modules the tracer keeps as one call: plain block modules, declared leaves, wrappers
+    that must run as written, and modules with hooks (which only run on a real call)."""
+    return is_plain(module) or is_declared_leaf(module) or has_hooks(module)
+
+
+def declare_safe(cls: type) -> type:
+    """Keep a conv or BN subclass whole and fold it as its stock base class.
+
+    Only for subclasses whose `forward` adds logging or checks and computes exactly what the
+    stock module computes from the same attributes. Other subclasses need no declaration:
+    their forward is traced and what it computes is matched.
     """
-    if not isinstance(cls, type) or not issubclass(cls, block_types()):
+    if not isinstance(cls, type) or not issubclass(cls, CONV_TYPES + LINEAR_TYPES + BN_TYPES):
         raise ConvBNError(
             f"declare_safe expects a subclass of a torch conv, Linear or BatchNorm class, "
             f"got {cls.__name__ if isinstance(cls, type) else type(cls).__name__ + ' object'}; "
@@ -93,12 +169,33 @@ def declare_safe(cls: type) -> type:
     return cls
 
 
+def declare_frozen_norm(cls: type | None = None, *, epilogue: tuple[str, ...] = ()):
+    """Declare a frozen batch-norm class whose forward is plain arithmetic on its buffers.
+
+    Its forward must compute `y = (x − running_mean)·weight/√(running_var+eps) + bias`
+    per channel of an (N, C, ...) input, then apply the submodules named in `epilogue` in
+    order (e.g. `("drop", "act")`). Usable as `@declare_frozen_norm` or
+    `declare_frozen_norm(Cls, epilogue=("act",))`.
+    """
+    def register(cls):
+        if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+            raise ConvBNError(f"declare_frozen_norm expects an nn.Module subclass, got {cls!r}.")
+        if not isinstance(epilogue, (tuple, list)) or not all(
+                isinstance(e, str) for e in epilogue):
+            raise ConvBNError("declare_frozen_norm's epilogue is a tuple of submodule names, "
+                              f"got {epilogue!r}.")
+        _frozen_classes[cls] = FrozenNorm(tuple(epilogue))
+        return cls
+
+    return register if cls is None else register(cls)
+
+
 def declare_leaf(cls: type) -> type:
     """Keep every module of class `cls` as one call when tracing, without tracing its forward.
 
     For user modules whose `forward` torch.fx cannot trace (data-dependent control flow) or
-    must not inline; the rest of the model then traces whole. Blocks *inside* such a module
-    are not part of the traced graph, so they are left as they are. Usable as a decorator.
+    must not inline. Blocks inside such a module are rewritten on their own, in the largest
+    submodules that trace. Usable as a decorator.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ConvBNError(f"declare_leaf expects an nn.Module subclass, got {cls!r}.")
@@ -109,11 +206,6 @@ def declare_leaf(cls: type) -> type:
 def block_types() -> tuple[type, ...]:
     """The module kinds a block is made of: convs, Linear, and every BN kind."""
     return CONV_TYPES + LINEAR_TYPES + all_bn_types()
-
-
-def leaf_types() -> tuple[type, ...]:
-    """Module types the tracer must keep as calls, so blocks can be found and state read."""
-    return block_types() + tuple(_leaf_classes)
 
 
 def bn_spatial_dims(bn: nn.Module) -> tuple[int, ...]:

@@ -38,7 +38,8 @@ from .errors import ModeError
 from .modes import Mode, ModeArg, normalize_mode
 from .rewrite import lower_in_place
 
-__all__ = ["find_functional_blocks", "functional_mode", "tune_graph"]
+__all__ = ["find_functional_blocks", "functional_mode", "tune_graph", "bn_call", "conv_call",
+           "functional_conv_config", "module_path"]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,20 @@ def _linear_args(node: torch.fx.Node) -> dict[str, Any] | None:
     return {"input": args["mat1"], "weight": weight, "bias": args["self"]}
 
 
-def _bn_call(node: torch.fx.Node) -> tuple[torch.fx.Node, dict[str, Any]] | None:
+def conv_call(node: torch.fx.Node) -> tuple[dict[str, Any], bool] | None:
+    """(normalised arguments, is_linear) when `node` is a functional conv or linear call."""
+    if node.op != "call_function":
+        return None
+    args = _linear_args(node)
+    if args is not None:
+        return args, True
+    if node.target in _CONVS:
+        args = _bind(_CONVS[node.target][0], node)
+        return (args, False) if args is not None else None
+    return None
+
+
+def bn_call(node: torch.fx.Node) -> tuple[torch.fx.Node, dict[str, Any]] | None:
     """(the node computing the BN, its normalised arguments) when `node` is a BN output."""
     if node.op != "call_function":
         return None
@@ -201,7 +215,7 @@ def _same_padding(weight: torch.fx.Node, dilation: tuple[int, ...]):
     return same_padding(shape[2:], dilation)
 
 
-def _conv_config(target: Any, args: dict[str, Any]) -> tuple[ConvConfig | None, str | None]:
+def functional_conv_config(target: Any, args: dict[str, Any]) -> tuple[ConvConfig | None, str | None]:
     """The conv's ConvConfig, or a reason it cannot be read statically."""
     _, dims, transposed = _CONVS[target]
     if transposed is None:
@@ -232,7 +246,7 @@ def _conv_config(target: Any, args: dict[str, Any]) -> tuple[ConvConfig | None, 
                       output_padding=output_padding, groups=groups, pre_pad=pre_pad), None
 
 
-def _module_path(node: torch.fx.Node) -> tuple[str, str] | None:
+def module_path(node: torch.fx.Node) -> tuple[str, str] | None:
     """(qualified name, class name) of the module that made `node`, from nn_module_stack."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -253,13 +267,13 @@ def _op_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _skip_reason(conv_node: torch.fx.Node, bn_value: torch.fx.Node, bn_call: torch.fx.Node,
+def _skip_reason(conv_node: torch.fx.Node, bn_value: torch.fx.Node, call: torch.fx.Node,
                  bn_args: dict[str, Any]) -> str | None:
     """One guard per precondition of folding; the first that fails names the reason."""
     if len(conv_node.users) > 1:
-        others = ", ".join(u.name for u in conv_node.users if u is not bn_call)
+        others = ", ".join(u.name for u in conv_node.users if u is not call)
         return f"the conv output is also used by {others}"
-    if bn_call is not bn_value and len(bn_call.users) > 1:
+    if call is not bn_value and len(call.users) > 1:
         return "BN's saved statistics (outputs 1 and 2) are used too"
     if bn_args["running_mean"] is None or bn_args["running_var"] is None:
         return "BN has no running statistics, so it always normalises with batch statistics"
@@ -293,31 +307,29 @@ def find_functional_blocks(graph: torch.fx.Graph) -> list[Block]:
     """
     blocks = []
     for node in list(graph.nodes):
-        found = _bn_call(node)
+        found = bn_call(node)
         if found is None:
             continue
-        bn_call, bn_args = found
+        call, bn_args = found
         conv_node = bn_args["input"]
         if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_function":
             continue
-        conv_args = _linear_args(conv_node)
-        linear = conv_args is not None
-        if not linear and conv_node.target in _CONVS:
-            conv_args = _bind(_CONVS[conv_node.target][0], conv_node)
-        if conv_args is None:
+        found_conv = conv_call(conv_node)
+        if found_conv is None:
             continue
-        conv_mod, bn_mod = _module_path(conv_node), _module_path(bn_call)
+        conv_args, linear = found_conv
+        conv_mod, bn_mod = module_path(conv_node), module_path(call)
         kind = (f"{conv_mod[1]}+{bn_mod[1]}" if conv_mod and bn_mod else
-                f"{_op_name(conv_node.target)}+{_op_name(bn_call.target)}")
+                f"{_op_name(conv_node.target)}+{_op_name(call.target)}")
         block = Block(conv=conv_mod[0] if conv_mod else conv_node.name,
-                      bn=bn_mod[0] if bn_mod else bn_call.name, kind=kind,
+                      bn=bn_mod[0] if bn_mod else call.name, kind=kind,
                       conv_node=conv_node, bn_node=node)
-        block.reason = _skip_reason(conv_node, node, bn_call, bn_args)
+        block.reason = _skip_reason(conv_node, node, call, bn_args)
         if block.reason is None and linear:
             block.op = "linear"
             block.reason = _channel_reason(conv_args["weight"], False, 1, bn_args["running_mean"])
         elif block.reason is None:
-            block.config, block.reason = _conv_config(conv_node.target, conv_args)
+            block.config, block.reason = functional_conv_config(conv_node.target, conv_args)
             if block.reason is None:
                 block.reason = _channel_reason(conv_args["weight"], block.config.transposed,
                                                block.config.groups, bn_args["running_mean"])
@@ -334,7 +346,7 @@ def find_functional_blocks(graph: torch.fx.Graph) -> list[Block]:
 
 
 def _uses_batch_stats(block: Block) -> bool:
-    return bool(_bn_call(block.bn_node)[1]["training"])
+    return bool(bn_call(block.bn_node)[1]["training"])
 
 
 def functional_mode(block: Block, mode: ModeArg = "auto") -> Mode | None:

@@ -1,13 +1,18 @@
-"""Rewriting a model that does not trace whole: its largest traceable submodules, recursively.
+"""Rewritten parts: a submodule rewritten on its own that stays an instance of its class.
 
-Detection models mix traceable backbones with data-dependent Python (proposal sampling,
-post-processing). Both `tune_mode` and `deploy_mode` rewrite such a model part by part with
-the same walk: try a child whole, and only when torch.fx cannot trace it, descend into it.
+Some modules cannot be inlined into their parent's graph: a forward torch.fx cannot trace
+(detection heads, data-dependent Python), a module with hooks (FSDP's all-gathers, user
+hooks), a wrapper that checkpoints its child. The tracer keeps them as calls, and their blocks
+are rewritten here, in the largest submodules that trace. The untraced Python around such a
+part reads its attributes, properties and methods (`backbone.out_channels`, isinstance checks,
+`set_resolution()`), so a part is not replaced by a GraphModule: it is a shallow copy of the
+module (or, in place, the module itself) whose class is a subclass of its own that only
+overrides `forward`, running a `TunedGraphModule` that shares every child, parameter and
+buffer with it.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch.nn as nn
@@ -15,7 +20,8 @@ import torch.nn as nn
 from .kinds import block_types
 from .tracing import has_blocks_inside
 
-__all__ = ["Untraceable", "one_line", "rewrite_parts"]
+__all__ = ["TunedPart", "Untraceable", "one_line", "is_rewritten", "make_part",
+           "replace_submodules", "rewrite_parts", "shallow_copy"]
 
 
 class Untraceable(Exception):
@@ -27,13 +33,92 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing every parameter, buffer and child with `module`."""
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
+class TunedPart:
+    """Mixin of a rewritten part's class: `forward` runs the part's TunedGraphModule."""
+
+    def forward(self, *args, **kwargs):
+        gm = self.__dict__["_convbn_part"]
+        gm.training = self.training  # the graph module is not a child: it follows the part
+        return gm(*args, **kwargs)
+
+
+_part_classes: dict[type, type] = {}
+
+
+def _part_class(cls: type) -> type:
+    if issubclass(cls, TunedPart):
+        return cls
+    if cls not in _part_classes:
+        _part_classes[cls] = type(cls.__name__, (TunedPart, cls),
+                                  {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _part_classes[cls]
+
+
+def is_rewritten(module: nn.Module) -> bool:
+    """A TunedGraphModule or a part: rewritten before, so traced as one call and not again."""
+    from .tuned import TunedGraphModule
+
+    return isinstance(module, (TunedPart, TunedGraphModule))
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing every parameter, buffer and child.
+
+    Built without calling the class (FSDP's classes construct the unsharded class on `copy`).
+    """
+    new = object.__new__(type(module))
+    new.__dict__.update(module.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        new.__dict__[key] = dict(module.__dict__[key])
     return new
+
+
+def make_part(module: nn.Module, build: Callable[[nn.Module], nn.Module], *,
+              inplace: bool) -> nn.Module:
+    """`module` (or a shallow copy) turned into a part running `build(view)`'s graph module.
+
+    `view` is an object of the module's original class sharing the part's `__dict__`: what
+    gets traced (again, when a `self.training` branch flips) is the original forward, over
+    the part's current children. The graph module shares the part's children, parameters and
+    buffers (the same dicts), so `.to()`, `load_state_dict` or a replaced child reach both.
+    """
+    part = module if inplace else shallow_copy(module)
+    view = object.__new__(type(part))
+    view.__dict__ = part.__dict__
+    gm = build(view)
+    for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        gm.__dict__[key] = part.__dict__[key]
+    part.__class__ = _part_class(type(part))
+    part.__dict__["_convbn_part"] = gm
+    return part
+
+
+def replace_submodules(root: nn.Module, replacements: dict[str, nn.Module], *,
+                       inplace: bool) -> nn.Module:
+    """`root` with the submodules at the given paths replaced.
+
+    Unless `inplace`, root and every module on the way to a replaced one are shallow copies,
+    so the input tree is not changed. Returns root itself when there is nothing to replace.
+    """
+    if not replacements:
+        return root
+    new_root = root if inplace else shallow_copy(root)
+    copied = {"": new_root}
+
+    def at(path: str) -> nn.Module:
+        if path not in copied:
+            parent_path, _, name = path.rpartition(".")
+            parent = at(parent_path)
+            child = parent._modules[name]
+            if not inplace:
+                child = parent._modules[name] = shallow_copy(child)
+            copied[path] = child
+        return copied[path]
+
+    for path, new in replacements.items():
+        parent_path, _, name = path.rpartition(".")
+        at(parent_path)._modules[name] = new
+    return new_root
 
 
 def rewrite_parts(module: nn.Module, rewrite: Callable[[nn.Module, str], nn.Module], *,
@@ -59,8 +144,4 @@ def rewrite_parts(module: nn.Module, rewrite: Callable[[nn.Module, str], nn.Modu
                                 prefix=f"{path}.")
         if new is not child:
             replaced[name] = new
-    if not replaced:
-        return module
-    target = module if inplace else _shallow_copy(module)
-    target._modules.update(replaced)
-    return target
+    return replace_submodules(module, replaced, inplace=inplace)

@@ -36,6 +36,26 @@ def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Nod
     return new, node_map
 
 
+def _move_metadata_uses(conv: torch.fx.Node, out: torch.fx.Node) -> None:
+    """Let input checks of the conv output (`x.ndim == 4`) read the folded output instead.
+
+    The folded output has the same shape and type; the checks, and whatever they feed, move
+    after it so the graph stays in order and the unfolded conv is not computed for them.
+    """
+    from .matching import is_metadata_use
+
+    anchor = out
+    for user in [u for u in conv.users if is_metadata_use(u, conv)]:
+        user.replace_input_with(conv, out)
+        pending = [user]
+        while pending:  # the check and everything downstream of it, in graph order
+            node = pending.pop(0)
+            if node < anchor:
+                anchor.append(node)
+                anchor = node
+            pending.extend(node.users)
+
+
 class _SameNodes(dict):
     """A node map that leaves unmapped nodes as they are (lowering a graph in place)."""
 
@@ -65,11 +85,15 @@ def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
         block = block.remap(node_map)
         with graph.inserting_before(block.bn_node):
             out = get_lowering(mode)(graph, block)
-        if out is block.bn_node:
-            continue
-        out.meta = {**block.bn_node.meta, **out.meta}
+            if out is block.bn_node:
+                continue
+            out.meta = {**block.bn_node.meta, **out.meta}
+            for name in block.epilogue:  # what a frozen norm applies after normalising
+                out = graph.call_module(name, (out,))
         block.bn_node.replace_all_uses_with(out)
         node_map[template_bn] = out  # a later block fed by this one (conv→BN→conv) reads `out`
+        _move_metadata_uses(block.conv_node, out)
+        inputs = block.bn_node.all_input_nodes + block.conv_node.all_input_nodes
         source = block.bn_node.args[0] if block.bn_node.args else None
         graph.erase_node(block.bn_node)
         if isinstance(source, torch.fx.Node) and source is not block.conv_node \
@@ -77,6 +101,9 @@ def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
             graph.erase_node(source)  # aten BN returning a tuple: bn_node was its getitem 0
         if not block.conv_node.users:
             graph.erase_node(block.conv_node)
+        for node in inputs:  # a traced-through module's tensors, now read by the lowering
+            if node.op == "get_attr" and not node.users and node.graph is graph:
+                graph.erase_node(node)
     graph.lint()
     log.debug("lowered %s", dict(Counter(str(m) for m in lowerings if m is not None)))
     return graph

@@ -1,41 +1,180 @@
-"""Tracing models with conv and BN kept as module calls.
+"""Tracing models with the modules a block is made of kept as calls, in parts where needed.
 
 The rewrite reads module state (BN's `training` flag, which parameters require grad) on every
-call, so conv and BN must stay `call_module` nodes rather than be inlined. Two things a plain
-`symbolic_trace` would get silently wrong are handled here: FrozenBatchNorm2d (torchvision) is
-kept a leaf, so later changes to its buffers are honoured; and modules whose Python `forward`
-branches on `self.training` are noted, so the owner can retrace when that flag changes.
+call, so stock conv and BN modules stay `call_module` nodes rather than be inlined. What the
+tracer cannot see through stays a call, so that a block beside it is still found:
+
+- a submodule whose forward torch.fx cannot trace (data-dependent Python) is kept as one call
+  and the trace is retried, so only that submodule is lost, not its parent;
+- a module with hooks, or a wrapper that checkpoints its child, is kept as one call, because a
+  traced graph would silently skip its hooks or its checkpointing;
+- a forward that calls `torch.utils.checkpoint` fails the trace of that module on purpose
+  (tracing through it would drop the checkpointing), so it is kept as one call too.
+
+BN's own input checks (`_check_input_dim`) branch on the input's rank, unknown while tracing;
+they are recorded as calls that run the module's check at run time, so a BN subclass whose
+forward calls `super().forward(x)` traces through and the check still guards the input.
+
+The caller rewrites those kept modules on their own (see parts.py). Functions that a model
+zoo declares untraceable (timm's `register_notrace_function`, its dynamic 'same' padding)
+stay single calls. Modules whose Python `forward` branches on `self.training` are noted, so
+the owner can retrace when that flag changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
 import torch.fx
 import torch.nn as nn
+import torch.utils.checkpoint
 
-from .kinds import all_bn_types, leaf_types
+from .kinds import BN_TYPES, all_bn_types, keeps_whole
 
-__all__ = ["ConvBNTracer", "trace", "trace_graph", "reads_training_flag", "has_blocks_inside"]
+__all__ = ["ConvBNTracer", "Trace", "trace", "trace_graph", "reads_training_flag",
+           "has_blocks_inside", "declare_leaf_function"]
+
+_leaf_functions: set = set()
+
+
+def declare_leaf_function(fn):
+    """Keep calls of `fn` as single nodes when tracing (for shape-dependent helpers)."""
+    _leaf_functions.add(fn)
+    return fn
+
+
+def _zoo_leaf_functions() -> list:
+    fns = list(_leaf_functions)
+    fx = sys.modules.get("timm.layers._fx")
+    if fx is not None:
+        fns += fx.get_notrace_functions()
+    padding = sys.modules.get("timm.layers.padding")
+    if padding is not None:  # reads x.size() to pad like TensorFlow: a call, then a plain conv
+        fns.append(padding.pad_same)
+    return fns
+
+
+class CheckpointedForward(RuntimeError):
+    """Raised while tracing a forward that calls torch.utils.checkpoint."""
+
+
+_checkpoint = torch.utils.checkpoint.checkpoint
+
+
+def _refuse_checkpoint(*args, **kwargs):
+    raise CheckpointedForward("the forward calls torch.utils.checkpoint, which tracing would drop")
+
+
+# BN's input checks branch on the input's rank, which a symbolic trace does not know; they
+# stop a subclass whose forward calls `super().forward(x)` from being traced through.
+_INPUT_CHECKS = ("_check_input_dim", "_check_non_zero_input_channels")
+
+
+def check_input(module: nn.Module, check: str, x: torch.Tensor) -> None:
+    """Run a BN module's own input check at run time (the traced stand-in for the call)."""
+    getattr(module, check)(x)
+
+
+def _deferred_check(name: str, original):
+    def check(self, x):
+        if not isinstance(x, torch.fx.Proxy):
+            return original(self, x)
+        module = x.tracer.create_proxy("get_attr", x.tracer.path_of_module(self), (), {})
+        x.tracer.create_proxy("call_function", check_input, (module, name, x), {})
+
+    return check
+
+
+@contextlib.contextmanager
+def _patched_for_tracing():
+    """Checkpointing refused, BN input checks recorded as calls, for one trace."""
+    saved = [(torch.utils.checkpoint, "checkpoint", _checkpoint)]
+    # `torch.utils.checkpoint.checkpoint(...)` / `cp.checkpoint(...)` look the attribute up;
+    # a name imported with `from ... import checkpoint` is autowrapped (see create_proxy).
+    torch.utils.checkpoint.checkpoint = _refuse_checkpoint
+    for cls in (nn.modules.batchnorm._NormBase,) + BN_TYPES:
+        for name in _INPUT_CHECKS:
+            if name in vars(cls):
+                saved.append((cls, name, vars(cls)[name]))
+                setattr(cls, name, _deferred_check(name, vars(cls)[name]))
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
 
 
 class ConvBNTracer(torch.fx.Tracer):
-    """A Tracer that keeps every conv and BN kind (subclasses too) as a leaf."""
+    """A Tracer that keeps block modules, hooked modules and `opaque` paths as calls.
+
+    After a failed `trace`, `failed_in` names the innermost submodule whose forward raised
+    ("" when the root's own code did).
+    """
+
+    def __init__(self, opaque: frozenset[str] = frozenset()):
+        super().__init__(autowrap_functions=tuple(_zoo_leaf_functions()) + (_checkpoint,))
+        self.opaque = opaque
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .tuned import TunedGraphModule  # already rewritten parts stay whole
+        from .parts import is_rewritten  # already rewritten parts stay whole
 
-        if isinstance(m, leaf_types() + (TunedGraphModule,)):
+        if module_qualified_name in self.opaque or keeps_whole(m) or is_rewritten(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                try:
+                    self.failed_in = self.path_of_module(m)
+                except NameError:  # a module outside the traced tree: blame the caller
+                    pass
+            raise
 
-def trace_graph(model: nn.Module) -> torch.fx.Graph:
-    """Symbolically trace `model`; raises whatever torch.fx raises when it cannot."""
-    return ConvBNTracer().trace(model)
+    def create_proxy(self, kind, target, *args, **kwargs):
+        if kind == "call_function" and target is _checkpoint:
+            raise CheckpointedForward("the forward calls torch.utils.checkpoint, which tracing "
+                                      "would drop")
+        return super().create_proxy(kind, target, *args, **kwargs)
+
+    def trace(self, root, concrete_args=None):
+        self.failed_in = None
+        with _patched_for_tracing():
+            return super().trace(root, concrete_args)
+
+
+@dataclass
+class Trace:
+    """A traced graph and the submodules kept as calls because they did not trace."""
+
+    graph: torch.fx.Graph
+    opaque: frozenset[str] = field(default_factory=frozenset)
+
+
+def trace_graph(model: nn.Module, opaque: frozenset[str] = frozenset()) -> Trace:
+    """Symbolically trace `model`, keeping each submodule that fails to trace as a call.
+
+    Raises whatever torch.fx raised when the root's own forward cannot be traced.
+    """
+    opaque = frozenset(opaque)
+    while True:
+        tracer = ConvBNTracer(opaque)
+        try:
+            return Trace(tracer.trace(model), opaque)
+        except Exception:
+            if not tracer.failed_in or tracer.failed_in in opaque:
+                raise
+            opaque = opaque | {tracer.failed_in}
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """`trace_graph` as a GraphModule over `model`."""
-    return torch.fx.GraphModule(model, trace_graph(model), model.__class__.__name__)
+    return torch.fx.GraphModule(model, trace_graph(model).graph, model.__class__.__name__)
 
 
 def reads_training_flag(module: nn.Module) -> bool:

@@ -87,7 +87,8 @@ class TunedGraphModule(torch.fx.GraphModule):
     """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, mode,
-                 source: nn.Module | None = None, prefix: str = ""):
+                 source: nn.Module | None = None, prefix: str = "",
+                 opaque: frozenset[str] = frozenset()):
         # Start from an empty graph: generating code for the traced graph only to replace it
         # at once would cost a third of tune_mode's time. The lowered graph is compiled once.
         stub = torch.fx.Graph()
@@ -111,6 +112,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         # The traced model, retraced when a `self.training` branch flips. Kept out of
         # _modules: it is not a submodule (it would duplicate every state_dict key).
         self.__dict__["_convbn_source"] = source
+        self._convbn_opaque = opaque  # submodules kept as calls because they did not trace
         self._convbn_key = None
         self._convbn_lowerings: list[Mode | None] = []
         self._convbn_set_template(graph)
@@ -127,8 +129,9 @@ class TunedGraphModule(torch.fx.GraphModule):
         self._convbn_bns = [self.get_submodule(b.bn) for b in foldable
                             if not is_frozen_bn(self.get_submodule(b.bn))]
         self._convbn_owners = list(mods.values())  # parameters are read through these
+        modules = dict(self.named_modules())
         self._convbn_hooked = list({id(m): m for b in self._convbn_blocks for m in (
-            self.get_submodule(b.conv), self.get_submodule(b.bn))}.values())
+            modules.get(b.conv), modules.get(b.bn)) if m is not None}.values())
         self._convbn_branchy = _traced_through_branchy(self, template) \
             if self._convbn_source is not None else []
 
@@ -196,7 +199,8 @@ class TunedGraphModule(torch.fx.GraphModule):
         if old is not None and self._convbn_source is not None \
                 and old.branch_training != now.branch_training:
             self._convbn_source.training = self.training  # the root's flag lives on self
-            self._convbn_set_template(trace_graph(self._convbn_source))
+            self._convbn_set_template(
+                trace_graph(self._convbn_source, self._convbn_opaque).graph)
         elif old is not None and old.hooks != now.hooks:
             self._convbn_set_template(self._convbn_template)  # match again: reasons changed
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
@@ -238,6 +242,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         res._convbn_mode = extra["_convbn_mode"]
         res._convbn_prefix = extra["_convbn_prefix"]
         res.__dict__["_convbn_source"] = copy.deepcopy(extra["_convbn_source"], memo)
+        res._convbn_opaque = extra["_convbn_opaque"]
         res._convbn_key, res._convbn_lowerings = None, []
         res._convbn_set_template(copy_graph(extra["_convbn_template"])[0])
         res._convbn_relower()
@@ -256,8 +261,8 @@ class TunedGraphModule(torch.fx.GraphModule):
     def with_mode(self, mode) -> "TunedGraphModule":
         """A new TunedGraphModule over the same modules, lowered by another mode rule."""
         return TunedGraphModule(self, copy_graph(self._convbn_template)[0], mode,
-                                source=self._convbn_source,
-                                prefix=self._convbn_prefix)
+                                source=self._convbn_source, prefix=self._convbn_prefix,
+                                opaque=self._convbn_opaque)
 
     def set_mode(self, mode) -> None:
         """Change the mode rule ("auto", a Mode, or a policy) and relower now."""

@@ -8,8 +8,11 @@ import torch.nn as nn
 
 
 class _LoggingConv(nn.Conv2d):
-    # Overrides forward without declare_safe: the matcher must refuse to fold it.
+    # Overrides forward with Python torch.fx cannot trace, without declare_safe: kept as one
+    # call, the matcher must refuse to fold it.
     def forward(self, x):
+        if x.sum() == 0:
+            print("all zeros")
         return super().forward(x)
 
 

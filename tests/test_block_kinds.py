@@ -248,14 +248,29 @@ SUBCLASSES = {
 }
 
 
-@pytest.mark.parametrize("name", list(SUBCLASSES))
-def test_subclass_with_own_forward_is_skipped(name):
+@pytest.mark.parametrize("name", ["StdConv2d", "BatchNormAct2d"])
+def test_subclass_with_own_forward_is_traced_through_and_folded(name):
+    """What the forward computes is matched: the standardised weight, the BN then ReLU."""
     torch.manual_seed(0)
     model = finetune_state(randomize_bn(SUBCLASSES[name]()))
     tuned = convbn_fx.tune_mode(model)
     (info,) = convbn_fx.describe(tuned)
+    kinds = {"StdConv2d": "StdConv2d+BatchNorm2d", "BatchNormAct2d": "Conv2d+BatchNormAct2d"}
+    assert info.lowering is Mode.TUNE and info.kind == kinds[name]
+    assert_close_to_float64(model, tuned, (torch.randn(2, 3, 9, 9),))
+    model64 = copy.deepcopy(model).double()
+    assert_close_to_float64(model64, convbn_fx.tune_mode(model64),
+                            (torch.randn(2, 3, 9, 9, dtype=torch.float64),), floor=1e-12)
+
+
+def test_untraceable_subclass_is_kept_whole_and_skipped():
+    """A forward that does not trace (shape arithmetic on the input) stays one call."""
+    torch.manual_seed(0)
+    model = finetune_state(randomize_bn(SUBCLASSES["Conv2dSame"]()))
+    tuned = convbn_fx.tune_mode(model)
+    (info,) = convbn_fx.describe(tuned)
     assert info.lowering is None and "overrides forward" in info.reason
-    assert "declare_safe" in info.reason
+    assert "does not trace" in info.reason and "declare_safe" in info.reason
     x = torch.randn(2, 3, 9, 9)
     assert torch.equal(tuned(x), model(x))
 
@@ -298,14 +313,15 @@ def test_declared_leaf_lets_the_rest_trace_whole():
 
     torch.manual_seed(0)
     model = finetune_state(randomize_bn(Net()))
-    with pytest.raises(convbn_fx.TraceError, match="Net"):
-        convbn_fx.tune_mode(model)  # no part holding a block traces without the gate
-    convbn_fx.declare_leaf(Gate)
-    tuned = convbn_fx.tune_mode(model)
-    assert isinstance(tuned, convbn_fx.TunedGraphModule)
-    assert "self.gate(" in tuned.code
-    assert _lowerings(tuned) == [Mode.TUNE, Mode.TUNE]
-    assert_close_to_float64(model, tuned, (torch.randn(2, 3, 8, 8),))
+    # The gate does not trace: it is kept as one call by itself, so the rest traces whole.
+    for declared in (False, True):
+        if declared:
+            convbn_fx.declare_leaf(Gate)
+        tuned = convbn_fx.tune_mode(model)
+        assert isinstance(tuned, convbn_fx.TunedGraphModule)
+        assert "self.gate(" in tuned.code
+        assert _lowerings(tuned) == [Mode.TUNE, Mode.TUNE]
+        assert_close_to_float64(model, tuned, (torch.randn(2, 3, 8, 8),))
 
 
 def test_conv_bn_conv_bn_back_to_back():

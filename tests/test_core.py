@@ -185,8 +185,32 @@ class FusedReLUBN(nn.BatchNorm2d):
         return torch.relu(super().forward(x))
 
 
-@pytest.mark.parametrize("case", ["other-user", "no-running-stats", "channels", "conv-subclass",
-                                  "bn-subclass", "forward-hook", "bn1d-after-conv2d"])
+class UntraceableConv(nn.Conv2d):
+    """A forward torch.fx cannot trace: kept as one call, so its weight cannot be proven."""
+
+    def forward(self, x):
+        return super().forward(x if x.sum() != 0 else x + 1)
+
+
+@pytest.mark.parametrize("subclass", ["conv", "bn"])
+def test_subclass_forward_is_traced_and_folded(subclass):
+    """StdConv's standardised weight, FusedReLUBN's `super().forward` then relu: both fold."""
+    torch.manual_seed(0)
+    conv = StdConv(3, 4, 3) if subclass == "conv" else nn.Conv2d(3, 4, 3)
+    bn = FusedReLUBN(4) if subclass == "bn" else nn.BatchNorm2d(4)
+    model = finetune_state(randomize_bn(nn.Sequential(conv, bn)))
+    tuned = convbn_fx.tune_mode(model)
+    [info] = convbn_fx.describe(tuned)
+    assert info.lowering is Mode.TUNE, info
+    assert_close_to_float64(model, tuned, (torch.randn(2, 3, 8, 8),))
+    if subclass == "bn":  # BN's own input check still runs on the folded output
+        with pytest.raises(ValueError, match="expected 4D input"):
+            tuned(torch.randn(3, 8, 8))
+
+
+@pytest.mark.parametrize("case", ["other-user", "no-running-stats", "channels",
+                                  "untraceable-conv-subclass", "forward-hook",
+                                  "bn1d-after-conv2d"])
 def test_must_not_fold(case):
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
@@ -195,10 +219,8 @@ def test_must_not_fold(case):
         bn = nn.BatchNorm2d(4, track_running_stats=False)
     elif case == "channels":
         bn, runnable = nn.BatchNorm2d(5), False
-    elif case == "conv-subclass":
-        conv = StdConv(3, 4, 3)
-    elif case == "bn-subclass":
-        bn = FusedReLUBN(4)
+    elif case == "untraceable-conv-subclass":
+        conv = UntraceableConv(3, 4, 3)
     elif case == "forward-hook":
         conv.register_forward_hook(lambda m, i, o: o * 2)
     elif case == "bn1d-after-conv2d":
@@ -224,8 +246,10 @@ def test_must_not_fold(case):
 
 
 def test_declare_safe_folds_subclass():
-    class LoggingConv(nn.Conv2d):
+    class LoggingConv(nn.Conv2d):  # untraceable, so only declare_safe can fold it
         def forward(self, x):
+            if x.sum() == 0:
+                print("all zeros")
             return super().forward(x)
 
     model = finetune_state(randomize_bn(nn.Sequential(LoggingConv(3, 4, 3), nn.BatchNorm2d(4))))

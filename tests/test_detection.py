@@ -95,10 +95,15 @@ def test_tune_mode_rewrites_the_parts_that_trace(name):
     tuned = convbn_fx.tune_mode(model)
 
     assert type(tuned) is type(model) and tuned is not model
-    assert not any(isinstance(m, convbn_fx.TunedGraphModule) for m in model.modules()), \
+    rewritten = (convbn_fx.TunedGraphModule, convbn_fx.TunedPart)
+    assert not any(isinstance(m, rewritten) for m in model.modules()), \
         "the input model must not be modified"
-    parts = [n for n, m in tuned.named_modules() if isinstance(m, convbn_fx.TunedGraphModule)]
+    parts = [n for n, m in tuned.named_modules() if isinstance(m, rewritten)]
     assert "backbone" in parts or "backbone.body" in parts, parts
+    for name in parts:  # a part stays an instance of its class, with its attributes
+        part, original = tuned.get_submodule(name), model.get_submodule(name)
+        assert isinstance(part, type(original)) and part is not original
+        assert vars(original).keys() <= vars(part).keys()
     assert list(tuned.state_dict()) == keys
     # In these models every BN follows a conv directly: each is one block, each folded.
     infos = convbn_fx.describe(tuned)

@@ -23,6 +23,8 @@ __all__ = ["lower_deploy"]
 def lower_deploy(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
     watch = source(graph, block.tensors.get("num_batches_tracked"))
     extra = {} if watch is None else {"watch": watch}
+    if any(isinstance(src, torch.fx.Node) for src in block.tensors.values()):
+        extra["cache"] = False  # computed per call (e.g. a standardised weight): fold per call
     if block.op == "linear":  # folds per call, only for rank-2 input (see folding.py)
         return linear_bn_call(graph, block, linear_bn_deploy, "deploy", **extra)
     stem, cfg = block.bn.replace(".", "_"), block.config
