@@ -9,6 +9,7 @@ fixed by a seed); *stability*, the float32 rewritten outputs stay within 2x the 
 model's own error against float64.
 
     python -m bench.zoo                      # the timm families of the README table
+    python -m bench.zoo --zoo torchvision        # torchvision's classification/segmentation
     python -m bench.zoo --models resnet18 efficientnet_b0 --format json
 """
 
@@ -49,8 +50,15 @@ FAMILIES: dict[str, list[str]] = {
     "MobileViT/EfficientViT": ["mobilevit_xxs", "efficientvit_m0"],
     "GhostNet/ReXNet/HRNet": ["ghostnet_050", "rexnet_100", "hrnet_w18_small"],
 }
+# torchvision's classification and segmentation families, for the same table.
+TORCHVISION = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
+               "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+               "efficientnet_v2_s", "mnasnet0_5", "regnet_y_400mf", "regnet_x_400mf",
+               "shufflenet_v2_x0_5", "densenet121", "googlenet", "inception_v3", "vgg11_bn",
+               "squeezenet1_0", "convnext_tiny", "fcn_resnet50", "deeplabv3_mobilenet_v3_large",
+               "lraspp_mobilenet_v3_large"]
 # Models whose stride needs a larger input than the sweep's default.
-SIZES = {"inception_v3": 96, "inception_v4": 128}
+SIZES = {"inception_v3": 96, "inception_v4": 128, "tv/inception_v3": 96}
 # A representative subset that runs in well under a minute on 2 cores (tests/test_zoo.py).
 QUICK = ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv2_050", "mobilenetv3_small_050",
          "tf_mobilenetv3_small_minimal_100", "mobilenetv4_conv_small", "mnasnet_small",
@@ -78,6 +86,17 @@ def build_timm(name: str) -> nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False)
+
+
+def build_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    kwargs = {"weights": None}
+    if name in ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"):
+        kwargs["weights_backbone"] = None
+    if name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"], kwargs["init_weights"] = False, False
+    return torchvision.models.get_model(name, **kwargs)
 
 
 def _norm_kinds() -> tuple[type, ...]:
@@ -117,6 +136,8 @@ def _run(model: nn.Module, x: torch.Tensor, weights=None):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         out = model(x)
+    if isinstance(out, dict):  # segmentation models return {"out": ..., "aux": ...}
+        out = list(out.values())
     outs = [out] if isinstance(out, torch.Tensor) else [o for o in out
                                                         if isinstance(o, torch.Tensor)]
     if weights is None:
@@ -143,7 +164,7 @@ def check_model(name: str, build=build_timm, size: int | None = None, batch: int
                 numerics: bool = True) -> ZooResult:
     """Sweep one model: pairs, folded blocks, and the two float64 checks (see module doc)."""
     result = ZooResult(name)
-    size = size or SIZES.get(name, 64)
+    size = size or SIZES.get(name if build is build_timm else f"tv/{name}", 64)
     start = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -174,13 +195,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="timm model names (default: FAMILIES)")
     parser.add_argument("--quick", action="store_true", help="the QUICK subset")
+    parser.add_argument("--zoo", choices=("timm", "torchvision"), default="timm")
     parser.add_argument("--size", type=int, default=None, help="input size (default 64)")
     parser.add_argument("--no-numerics", action="store_true")
     parser.add_argument("--format", choices=("plain", "github", "json"), default="github")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    build = build_timm if args.zoo == "timm" else build_torchvision
     if args.models:
         groups = {"": args.models}
+    elif args.zoo == "torchvision":
+        groups = {"torchvision": TORCHVISION}
     elif args.quick:
         groups = {"": QUICK}
     else:
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
     rows, results = [], []
     for family, names in groups.items():
         for name in names:
-            r = check_model(name, size=args.size, numerics=not args.no_numerics)
+            r = check_model(name, build, size=args.size, numerics=not args.no_numerics)
             results.append(r)
             print(f"{name}: {r.folded}/{r.pairs} folded, algebra {r.algebra:.1e}, stable "
                   f"{r.stable}, {r.seconds:.1f}s {r.error or ''}", file=sys.stderr)

@@ -117,6 +117,15 @@ class _Rewriter:
         return part
 
 
+def rewrite_kept_calls(module: nn.Module, traced: Trace, mode, prefix: str = "") -> None:
+    """Rewrite, in place, the submodules a new trace of `module` keeps as calls."""
+    walk = _Rewriter(mode, inplace=True)
+    walk.kept_calls(module, traced, prefix)
+    if walk.errors:
+        log.info("%s: submodules kept as calls: %s", type(module).__name__,
+                 "; ".join(walk.errors))
+
+
 def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False) -> nn.Module:
     """Rewrite every conv→BN block of `model` for efficient fine-tuning (Tune mode).
 

@@ -63,9 +63,9 @@ def _unique_name(gm: torch.fx.GraphModule, base: str) -> str:
 def _skip_reason(block: Block, bn: nn.Module) -> str | None:
     if block.reason is not None:
         return block.reason
-    if block.conv_node.op != "call_module" or block.bn_node.op != "call_module":
-        return ("the conv or BN was traced through (its class overrides forward); deploy_mode "
-                "folds module calls only: use tune_mode with frozen BN (Deploy) instead")
+    if block.conv_node.op != "call_module":
+        return ("the conv was traced through (its class overrides forward), so there is no "
+                "conv module to replace: use tune_mode with frozen BN (Deploy) instead")
     if getattr(block, "op", "conv") != "conv":
         return ("Linear→BatchNorm1d folds only for 2-D input, which a graph cannot check; "
                 "tune_mode folds it per call")
@@ -100,7 +100,11 @@ def _fold_graph(gm: torch.fx.GraphModule, prefix: str = "") -> torch.fx.GraphMod
             for name in block.epilogue:  # a frozen norm's drop and act still run
                 out = graph.call_module(name, (out,))
         block.bn_node.replace_all_uses_with(out)
+        inputs = block.bn_node.all_input_nodes
         graph.erase_node(block.bn_node)
+        for node in inputs:  # a traced-through BN's tensors
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
         folded += 1
     if folded:
         graph.lint()

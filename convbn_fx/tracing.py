@@ -173,8 +173,15 @@ def trace_graph(model: nn.Module, opaque: frozenset[str] = frozenset()) -> Trace
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """`trace_graph` as a GraphModule over `model`."""
-    return torch.fx.GraphModule(model, trace_graph(model).graph, model.__class__.__name__)
+    """`trace_graph` as a GraphModule over `model`, holding its whole module tree.
+
+    (A plain GraphModule copies only what the graph names, putting empty modules on the path
+    to a traced-through BN's tensors, which would hide the BN's own state.)
+    """
+    gm = torch.fx.GraphModule(model, trace_graph(model).graph, model.__class__.__name__)
+    for name, child in model.named_children():
+        setattr(gm, name, child)
+    return gm
 
 
 def reads_training_flag(module: nn.Module) -> bool:

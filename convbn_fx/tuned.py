@@ -60,15 +60,13 @@ def _call_checked(self, *args, **kwargs):
     return self._wrapped_call(self, *args, **kwargs)
 
 
-def _traced_through_branchy(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list:
-    """Modules the tracer went through (not called as leaves) whose code reads `training`."""
+def _traced_through(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list:
+    """Submodules the tracer went through (not called as leaves, nor inside one)."""
     called = {n.target for n in template.nodes if n.op == "call_module"}
-    found = [gm] if reads_training_flag(gm._convbn_source) else []
+    found = []
     for name, m in gm.named_modules():
         parts = name.split(".")
-        if not name or any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
-            continue
-        if reads_training_flag(m):
+        if name and not any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
             found.append(m)
     return found
 
@@ -80,7 +78,7 @@ class _State(NamedTuple):
     requires_grad: list[bool]       # each parameter of a foldable block's conv and BN
     branch_training: list[bool]     # traced-through modules whose forward reads `training`
     registry: int                   # the lowering registry's version
-    hooks: list[bool]               # hooks on block modules (folding would skip them)
+    hooks: list[bool]               # hooks on block modules and traced-through modules
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -130,10 +128,15 @@ class TunedGraphModule(torch.fx.GraphModule):
                             if not is_frozen_bn(self.get_submodule(b.bn))]
         self._convbn_owners = list(mods.values())  # parameters are read through these
         modules = dict(self.named_modules())
-        self._convbn_hooked = list({id(m): m for b in self._convbn_blocks for m in (
-            modules.get(b.conv), modules.get(b.bn)) if m is not None}.values())
-        self._convbn_branchy = _traced_through_branchy(self, template) \
-            if self._convbn_source is not None else []
+        through = _traced_through(self, template)
+        # A hook on a block module skips the fold; one on a traced-through module would not
+        # run at all, so it makes that module a call (see _convbn_retrace).
+        self._convbn_hooked = list({id(m): m for m in [
+            m for b in self._convbn_blocks for m in (modules.get(b.conv), modules.get(b.bn))
+            if m is not None] + through}.values())
+        self._convbn_branchy = [] if self._convbn_source is None else (
+            [self] * reads_training_flag(self._convbn_source)
+            + [m for m in through if reads_training_flag(m)])
 
     def _convbn_state(self) -> _State:
         """Everything the chosen lowerings depend on; cheap enough to compute every call."""
@@ -196,11 +199,9 @@ class TunedGraphModule(torch.fx.GraphModule):
     def _convbn_relower(self, strict: bool = False) -> None:
         """Lower every block for the current state and recompile (only when state changed)."""
         old, now = self._convbn_key, self._convbn_state()
-        if old is not None and self._convbn_source is not None \
-                and old.branch_training != now.branch_training:
-            self._convbn_source.training = self.training  # the root's flag lives on self
-            self._convbn_set_template(
-                trace_graph(self._convbn_source, self._convbn_opaque).graph)
+        if old is not None and self._convbn_source is not None and (
+                old.branch_training != now.branch_training or old.hooks != now.hooks):
+            self._convbn_set_template(self._convbn_retrace())
         elif old is not None and old.hooks != now.hooks:
             self._convbn_set_template(self._convbn_template)  # match again: reasons changed
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
@@ -212,6 +213,20 @@ class TunedGraphModule(torch.fx.GraphModule):
             log.debug("%s relowered: %s", type(self).__name__, lowerings)
         self._convbn_lowerings = lowerings
         self._convbn_key = key
+
+    def _convbn_retrace(self) -> torch.fx.Graph:
+        """Trace the source again (a `self.training` branch flipped, or hooks came or went).
+
+        A module that gained hooks after the rewrite (`register_forward_hook`, FSDP's
+        `fully_shard` on a block) becomes a call, so the hooks run, and is rewritten in place
+        as a part: hooks and FSDP's state belong to that module object, so a copy would not do.
+        """
+        from .api import rewrite_kept_calls  # api builds on this module
+
+        self._convbn_source.training = self.training  # the root's flag lives on self
+        traced = trace_graph(self._convbn_source, self._convbn_opaque)
+        rewrite_kept_calls(self._convbn_source, traced, self._convbn_mode, self._convbn_prefix)
+        return traced.graph
 
     def recompile(self):
         code = super().recompile()
