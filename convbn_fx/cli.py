@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -29,6 +26,7 @@ from .api import describe, tune_mode
 from .blocks import BlockInfo
 from .errors import ConvBNError
 from .modes import Mode
+from .specs import build_model
 from .testing import finetune_state, frozen_state
 from .tracing import has_blocks_inside
 from .tuned import TunedGraphModule
@@ -50,11 +48,15 @@ MODES = ("auto", "tune", "deploy", "eval", "train")
 LOWERINGS = (Mode.TUNE, Mode.DEPLOY, Mode.TRAIN, Mode.EVAL)
 TABLE_FORMATS = {"plain": "simple", "github": "github"}
 
-REPORT_EPILOG = """\
-SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn) or package.module:callable
-returning an nn.Module (torchvision.models:resnet18, myproj.models:build); the current directory
-is on the import path. Models are built with random weights: a callable that takes `weights`
-or `weights_backbone` gets None for them.
+SPEC_HELP = """\
+SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn), timm/NAME for a timm model
+(timm/efficientnet_b0, built with pretrained=False), or package.module:callable returning an
+nn.Module (torchvision.models:resnet18, myproj.models:build); the current directory is on the
+import path. Models are built with random weights: a callable that takes `weights` or
+`weights_backbone` gets None for them.
+"""
+
+REPORT_EPILOG = SPEC_HELP + """
 
 states:
   finetune  model.train(), then every BN .eval(): transfer learning with frozen BN (default)
@@ -115,7 +117,7 @@ def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
                     "block lowers to.",
         epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("spec", metavar="SPEC",
-                        help="torchvision model name or package.module:callable")
+                        help="torchvision name, timm/NAME or package.module:callable")
     report.add_argument("--state", choices=list(STATES), default="finetune",
                         help="module state to rewrite in (default: finetune)")
     report.add_argument("--mode", choices=MODES, default="auto",
@@ -140,83 +142,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-# -- building the model --------------------------------------------------------------------
-
-
-def _random_weight_kwargs(fn) -> dict:
-    """weights=None / weights_backbone=None where `fn` takes them: never download weights."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {name: None for name in ("weights", "weights_backbone") if name in params}
-
-
-def _torchvision_builder(name: str):
-    try:
-        import torchvision.models as tvm
-    except ImportError:
-        raise ConvBNError(f"{name!r} is read as a torchvision model name but torchvision is not "
-                          "installed; install it or pass package.module:callable.") from None
-    known = tvm.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConvBNError(f"unknown torchvision model {name!r}{hint}; for your own model pass "
-                          "package.module:callable.")
-    return tvm.get_model_builder(name)
-
-
-def _import_target(spec: str):
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ConvBNError(f"SPEC {spec!r} should look like package.module:callable.")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as exc:  # a user module can fail to import in any way
-        raise ConvBNError(f"could not import {module_name!r} ({_one_line(exc)}); run from "
-                          "the project root or put it on PYTHONPATH.") from None
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise ConvBNError(f"{module_name!r} has no attribute {attr_path!r}; check the "
-                              "name after the colon.")
-        target = getattr(target, part)
-    return target
-
-
-def build_model(spec: str) -> nn.Module:
-    """The nn.Module SPEC names, built with random weights; ConvBNError for bad input."""
-    if ":" in spec:
-        target = _import_target(spec)
-    else:
-        target = _torchvision_builder(spec)
-    if isinstance(target, nn.Module):
-        return target
-    if not callable(target):
-        raise ConvBNError(f"{spec} is not callable ({type(target).__name__}); point SPEC at a "
-                          "function or class that returns an nn.Module.")
-    kwargs = _random_weight_kwargs(target)
-    try:
-        inspect.signature(target).bind(**kwargs)
-    except TypeError:
-        raise ConvBNError(f"{spec} needs arguments; SPEC must name a callable that takes none "
-                          "(wrap it in a function that builds your model).") from None
-    except ValueError:  # no signature to check (a builtin): just call it
-        pass
-    try:
-        model = target(**kwargs)
-    except Exception as exc:  # whatever the user's builder raises is bad input here
-        raise ConvBNError(f"calling {spec}() raised {_one_line(exc)}.") from None
-    if not isinstance(model, nn.Module):
-        raise ConvBNError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
-    return model
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].rstrip('.')}" if lines else type(exc).__name__
 
 
 # -- the report ----------------------------------------------------------------------------
