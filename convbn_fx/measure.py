@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from .api import describe, tune_mode
@@ -80,12 +81,23 @@ def make_variant(model: nn.Module, mode: str) -> nn.Module:
     return tune_mode(model, "eval" if mode == "eval" else "auto")
 
 
+_BN_FUNCTIONS = (torch.nn.functional.batch_norm, torch.batch_norm)
+
+
 def _count_bn(model: nn.Module) -> int:
-    return sum(isinstance(m, all_bn_types()) for m in model.modules())
+    """BN layers left in `model`: BN modules, and batch_norm calls in its traced graphs."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, all_bn_types()):
+            count += 1
+        elif isinstance(m, torch.fx.GraphModule):
+            count += sum(n.op == "call_function" and n.target in _BN_FUNCTIONS
+                         for n in m.graph.nodes)
+    return count
 
 
 def block_counts(model: nn.Module, variant: nn.Module, mode: str) -> dict[str, int]:
-    """Blocks per lowering of a tune_mode variant; for deploy, the BNs folded away."""
+    """Blocks per lowering of a tune_mode variant; for deploy, the BN layers folded away."""
     if mode == "deploy":
         return {"folded": _count_bn(model) - _count_bn(variant)}
     if variant is model:
