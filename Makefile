@@ -9,11 +9,14 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,plot]'
 	touch $(STAMP)
 
+# The main job: what `tune_mode` does to resnet50 and what it saves, with the same command
+# users run on their own models (convbn-fx report / convbn-fx measure).
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/convbn-fx report resnet50 --expect 53
+	$(VENV)/bin/convbn-fx measure resnet50 --batch 4 --steps 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -27,9 +27,9 @@ import torchvision
 from tabulate import tabulate
 
 import convbn_fx
+from convbn_fx.meters import interleaved_medians
 from convbn_fx.testing import finetune_state, randomize_bn, saved_tensor_bytes
 
-from .measure import interleaved_medians
 from .report import header, progress, write_section
 
 

@@ -24,7 +24,6 @@ import gc
 import os
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -35,11 +34,11 @@ from tabulate import tabulate
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import convbn_fx
-from convbn_fx.kinds import all_bn_types
-from convbn_fx.testing import finetune_state, randomize_bn, saved_tensor_bytes
+from convbn_fx import measure
+from convbn_fx.meters import (child_report, default_device, interleaved_medians, peak_during,
+                              run_child)
+from convbn_fx.testing import finetune_state, randomize_bn
 
-from .measure import (child_report, device, interleaved_medians, peak_rss_mib, rss_mib,
-                      run_child)
 from .report import header, progress, write_section
 
 VARIANTS = ("eval", "tune", "deploy", "torch_fuse")
@@ -116,76 +115,31 @@ def torch_fuse(model: nn.Module) -> nn.Module:
 
 
 def make_variant(model: nn.Module, variant: str, share: bool = False) -> nn.Module:
-    """`variant` of `model`; a deep copy unless `share` (the variant may share parameters)."""
-    if variant in ("eval", "tune"):
-        source = model if share else copy.deepcopy(model)
-        return convbn_fx.tune_mode(source, "eval" if variant == "eval" else "auto")
-    if variant == "deploy":
-        return convbn_fx.deploy_mode(model)
+    """`variant` of `model`; a deep copy unless `share` (the variant may share parameters).
+
+    eval, tune and deploy are `convbn-fx measure`'s modes; torch_fuse is torch's own fold.
+    """
     if variant == "torch_fuse":
         return torch_fuse(model)
-    raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    return measure.make_variant(model if share else copy.deepcopy(model), variant)
 
 
-def _loss(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.float().mean()
-    values = out.values() if isinstance(out, dict) else out
-    return sum(_loss(v) for v in values)
-
-
-def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + SGD step of `model` on `x`, as a callable."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _loss(model(x)).backward()
-        opt.step()
-    return step
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    n = saved_tensor_bytes(lambda: _loss(model(x)))
-    for p in model.parameters():
-        p.grad = None
-    return n
-
-
-def _count_bn(model: nn.Module) -> int:
-    return sum(isinstance(m, all_bn_types()) for m in model.modules())
-
-
-def lowerings(model: nn.Module) -> str:
-    counts = Counter(str(b.lowering) if b.lowering else "skipped"
-                     for b in convbn_fx.describe(model))
-    return ", ".join(f"{n} {k}" for k, n in counts.most_common())
+def blocks(model: nn.Module, net: nn.Module, variant: str) -> str:
+    counts = measure.block_counts(model, net, "deploy" if variant == "torch_fuse" else variant)
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
 
 
 def _input(case: Case) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(case.batch, 3, case.size, case.size, generator=gen).to(device())
+    return measure.example_input((case.batch, 3, case.size, case.size), default_device())
 
 
 # -- peak memory: one fresh process per variant ------------------------------------------------
 
 def child_main(model: str, variant: str, batch: int, size: int) -> None:
     """In a fresh process: build one variant, run two steps, report peak memory."""
-    case = Case(model, batch, size)
-    net = make_variant(build_model(model), variant, share=True).to(device())
-    x = _input(case)
-    gc.collect()
-    before = rss_mib()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    step = train_step(net, x)
-    for _ in range(2):
-        step()
-    report = {"peak_rss": peak_rss_mib(), "rss_before": before}
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        report["cuda_peak"] = torch.cuda.max_memory_allocated() / MiB
-    child_report(report)
+    net = make_variant(build_model(model), variant, share=True).to(default_device())
+    step = measure.training_step(net, _input(Case(model, batch, size)))
+    child_report(peak_during(step, measure.PEAK_STEPS, default_device()))
 
 
 def peak_memory(case: Case, variant: str) -> dict:
@@ -200,20 +154,18 @@ def measure_case(case: Case, repeats: int, clock=time.perf_counter) -> list[dict
     start = time.perf_counter()
     base = build_model(case.model)
     x = _input(case)
-    nets = {v: make_variant(base, v).to(device()) for v in VARIANTS}
+    nets = {v: make_variant(base, v).to(default_device()) for v in VARIANTS}
     rows = {v: {"model": case.model, "variant": v, "input": f"{case.batch}x{case.size}²"}
             for v in VARIANTS}
-    bns = _count_bn(base)
     for v, net in nets.items():
-        rows[v]["blocks"] = lowerings(net) if v in ("eval", "tune") else \
-            f"{bns - _count_bn(net)} folded"
-        rows[v]["saved"] = saved_bytes(net, x) / MiB
+        rows[v]["blocks"] = blocks(base, net, v)
+        rows[v]["saved"] = measure.saved_bytes(net, x) / MiB
     # Memory in fresh processes, two at a time: each reports its own peak, and the timing
     # below runs only after they have all finished.
     with ThreadPoolExecutor(max_workers=2) as pool:
         for v, mem in zip(VARIANTS, pool.map(lambda v: peak_memory(case, v), VARIANTS)):
             rows[v].update(mem)
-    times = interleaved_medians({v: train_step(net, x) for v, net in nets.items()},
+    times = interleaved_medians({v: measure.training_step(net, x) for v, net in nets.items()},
                                 repeats=repeats, warmup=1, clock=clock)
     for v, t in times.items():
         rows[v]["step_ms"] = t * 1e3
@@ -236,7 +188,7 @@ def bn_share(model: nn.Module, x: torch.Tensor) -> float:
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    step = train_step(model, x)
+    step = measure.training_step(model, x)
     step()
     with profile(activities=acts) as prof:
         step()
@@ -273,15 +225,16 @@ def modes_table(rows: list[dict]) -> str:
 def sweep(size: int, timed_up_to: int, repeats: int, clock=time.perf_counter) -> list[dict]:
     """resnet50 at each batch size: saved bytes per variant, step time for small batches."""
     base = build_model("resnet50")
-    nets = {v: make_variant(base, v).to(device()) for v in VARIANTS}
+    nets = {v: make_variant(base, v).to(default_device()) for v in VARIANTS}
     rows = []
     for batch in SWEEP_BATCHES:
         x = _input(Case("resnet50", batch, size))
         row = {"batch": batch}
         for v, net in nets.items():
-            row[v] = saved_bytes(net, x) / MiB
+            row[v] = measure.saved_bytes(net, x) / MiB
         if batch <= timed_up_to:
-            times = interleaved_medians({v: train_step(nets[v], x) for v in ("eval", "tune")},
+            times = interleaved_medians({v: measure.training_step(nets[v], x)
+                                         for v in ("eval", "tune")},
                                         repeats=repeats, warmup=1, clock=clock)
             row["time_ratio"] = times["tune"] / times["eval"]
         rows.append(row)

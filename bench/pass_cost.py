@@ -28,11 +28,11 @@ from tabulate import tabulate
 
 import convbn_fx
 from convbn_fx.matching import find_blocks
+from convbn_fx.meters import interleaved_medians
 from convbn_fx.rewrite import lower_graph
 from convbn_fx.testing import finetune_state
 from convbn_fx.tracing import ConvBNTracer, trace
 
-from .measure import interleaved_medians
 from .report import header, progress, write_section
 
 CHAINS = (100, 300, 1000, 3000, 5000)

@@ -10,7 +10,7 @@ import datetime
 import pathlib
 import sys
 
-from .measure import machine
+from convbn_fx.meters import machine
 
 __all__ = ["RESULTS", "progress", "header", "write_section"]
 

@@ -23,8 +23,7 @@ from tabulate import tabulate
 
 import convbn_fx
 from convbn_fx.testing import finetune_state, frozen_state
-
-from .measure import interleaved_medians
+from convbn_fx.meters import interleaved_medians
 
 
 def _per_call(fn, calls: int) -> float:

@@ -1,10 +1,13 @@
-"""`convbn-fx report SPEC`: how many conv→BN blocks a model folds, and why the rest do not.
+"""`convbn-fx report SPEC` and `convbn-fx measure SPEC`: the command line.
 
-A CI job that relies on Tune mode wants to know when a model change silently stops a block
-from folding (a new forward hook, a conv output reused by a skip connection). This command
-builds the model with random weights, puts it in the state it will train in, rewrites it with
-`tune_mode` and prints `describe()` as tables; `--expect N` and `--fail-on-skip` turn the
-report into a check. Exit status: 0 ok, 1 expectation missed, 2 bad input (one sentence on
+`report` says how many conv→BN blocks a model folds, and why the rest do not. A CI job that
+relies on Tune mode wants to know when a model change silently stops a block from folding (a
+new forward hook, a conv output reused by a skip connection). This command builds the model
+with random weights, puts it in the state it will train in, rewrites it with `tune_mode` and
+prints `describe()` as tables; `--expect N` and `--fail-on-skip` turn the report into a check.
+`measure` answers the question a user asks before adopting Tune mode: how much memory and time
+it saves on their model at their input size (convbn_fx.measure does the measuring; this only
+parses and prints). Exit status: 0 ok, 1 expectation missed, 2 bad input (one sentence on
 stderr, no traceback), 3 an internal error (with its traceback).
 """
 
@@ -12,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -22,13 +22,19 @@ import sys
 import traceback
 from collections import Counter
 
+import torch
 import torch.nn as nn
 from tabulate import tabulate
 
+from . import measure as measuring
 from .api import describe, tune_mode
 from .blocks import BlockInfo
 from .errors import ConvBNError
+from .measure_table import format_json as format_measure_json
+from .measure_table import format_text as format_measure_text
 from .modes import Mode
+from .progress import ProgressBar
+from .specs import build_model
 from .testing import finetune_state, frozen_state
 from .tracing import has_blocks_inside
 from .parts import TunedPart
@@ -50,12 +56,17 @@ MODES = ("auto", "tune", "deploy", "eval", "train")
 # Row order of the counts table: folded lowerings first.
 LOWERINGS = (Mode.TUNE, Mode.DEPLOY, Mode.TRAIN, Mode.EVAL)
 TABLE_FORMATS = {"plain": "simple", "github": "github"}
+PROGRESS_DELAY = 1.0  # seconds before the progress bar shows: short runs stay quiet
 
-REPORT_EPILOG = """\
-SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn) or package.module:callable
-returning an nn.Module (torchvision.models:resnet18, myproj.models:build); the current directory
-is on the import path. Models are built with random weights: a callable that takes `weights`
-or `weights_backbone` gets None for them.
+SPEC_HELP = """\
+SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn), timm/NAME for a timm model
+(timm/efficientnet_b0, built with pretrained=False), or package.module:callable returning an
+nn.Module (torchvision.models:resnet18, myproj.models:build); the current directory is on the
+import path. Models are built with random weights: a callable that takes `weights` or
+`weights_backbone` gets None for them.
+"""
+
+REPORT_EPILOG = SPEC_HELP + """
 
 states:
   finetune  model.train(), then every BN .eval(): transfer learning with frozen BN (default)
@@ -80,6 +91,25 @@ more:
   convbn-fx report myproj.models:build --format json > convbn-report.json
 """
 
+MEASURE_EPILOG = SPEC_HELP + """
+For each mode, one training step (--state finetune: model.train() with BN frozen, SGD with
+lr=0) or one inference step (--state frozen): saved-for-backward MiB, peak memory (CPU: growth
+of resident memory in a fresh process; CUDA: max_memory_allocated), median step time over
+interleaved steps, each also as a ratio to eval; the rewrite counts; the largest output
+difference to the unrewritten model. Modes: eval (the unrewritten computation, the
+reference), tune (tune_mode(model): what you would write), deploy (deploy_mode: BN folded into
+new weights; for inference, unstable to train).
+
+exit status: 0 ok, 2 bad input or a mode that ran out of memory (the other figures are still
+printed), 3 internal error.
+
+examples:
+  convbn-fx measure resnet50 --batch 8
+  convbn-fx measure timm/efficientnet_b0 --input 8x3x224x224 --modes tune
+  convbn-fx measure resnet50 --sweep-batch 4,8,16,32 --plot memory.png
+  convbn-fx measure myproj.models:build --state frozen --format json > measure.json
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one sentence on stderr (and still exit status 2)."""
@@ -99,13 +129,91 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if len(parts) < 2 or not all(p.isdecimal() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected sizes joined by x, like 8x3x224x224, got "
+                                         f"{text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _batches(text: str) -> list[int]:
+    parts = text.split(",")
+    if not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected batch sizes joined by commas, like "
+                                         f"4,8,16,32, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",")]
+    bad = [m for m in modes if m not in measuring.MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode {bad[0]!r}, expected a comma-separated "
+                                         f"list of {', '.join(measuring.MODES)}")
+    return modes
+
+
+def _add_measure(commands) -> None:
+    measure = commands.add_parser(
+        "measure", help="what Tune saves on a model: saved MiB, peak memory, step time",
+        description="Measure one training step of a model in Eval, Tune and Deploy mode.",
+        epilog=MEASURE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    measure.add_argument("spec", metavar="SPEC",
+                         help="torchvision name, timm/NAME or package.module:callable")
+    shape = measure.add_argument_group("input (default: --batch 8 --size 224)")
+    shape.add_argument("--input", type=_shape, metavar="SHAPE",
+                       help="the whole input shape, e.g. 8x3x224x224 or 16x3x100 (Conv1d)")
+    shape.add_argument("--batch", type=_positive, metavar="N", help="batch size (default 8)")
+    shape.add_argument("--size", type=_positive, metavar="S",
+                       help="image side: input N x 3 x S x S (default 224)")
+    shape.add_argument("--sweep-batch", type=_batches, metavar="B,B,...",
+                       help="measure at each of these batch sizes (memory vs batch)")
+    measure.add_argument("--state", choices=list(measuring.STATES), default="finetune",
+                         help="finetune: train mode with frozen BN, one SGD step; frozen: "
+                              "inference (default: finetune)")
+    measure.add_argument("--modes", type=_modes, default=list(measuring.MODES),
+                         metavar="M,M,...",
+                         help="modes to measure, of eval,tune,deploy (default: all); eval "
+                              "is always measured, as the reference")
+    measure.add_argument("--compile", action="store_true",
+                         help="wrap every mode in torch.compile")
+    measure.add_argument("--device", choices=["cpu", "cuda"],
+                         help="where to run (default: cuda if available, else cpu)")
+    measure.add_argument("--steps", type=_positive, default=5, metavar="N",
+                         help="timed steps per mode, after a warm-up step (default: 5)")
+    measure.add_argument("--no-peak", action="store_true",
+                         help="skip the peak-memory figure (saves a fresh process per mode)")
+    measure.add_argument("--format", choices=["plain", "github", "json"], default="plain",
+                         help="plain text, GitHub markdown or JSON (default: plain)")
+    measure.add_argument("--plot", metavar="FILE",
+                         help="also draw the figures to FILE (.png, .svg or .pdf; needs "
+                              "matplotlib: pip install 'convbn-fx[plot]')")
+    measure.add_argument("-q", "--quiet", action="store_true",
+                         help="no progress bar (it is shown only on a terminal anyway)")
+    measure.add_argument("-v", "--verbose", action="count", default=0,
+                         help="log what the library does (-v info, -vv debug)")
+    measure.set_defaults(run=_run_measure)
+
+
 def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check what convbn_fx (Tune mode for conv→BN blocks, arXiv 2305.11624) "
                     "does to a model.",
-        epilog=f"example:\n  {prog} report resnet50 --expect 53 --fail-on-skip\n\n"
-               f"run '{prog} report --help' for the options, states and exit statuses.")
+        epilog=f"examples:\n  {prog} report resnet50 --expect 53 --fail-on-skip\n"
+               f"  {prog} measure resnet50 --batch 8\n\n"
+               f"run '{prog} report --help' or '{prog} measure --help' for the options.")
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -116,7 +224,7 @@ def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
                     "block lowers to.",
         epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("spec", metavar="SPEC",
-                        help="torchvision model name or package.module:callable")
+                        help="torchvision name, timm/NAME or package.module:callable")
     report.add_argument("--state", choices=list(STATES), default="finetune",
                         help="module state to rewrite in (default: finetune)")
     report.add_argument("--mode", choices=MODES, default="auto",
@@ -134,6 +242,7 @@ def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
     report.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what the pass does (-v info, -vv debug)")
     report.set_defaults(run=_run_report)
+    _add_measure(commands)
     return parser
 
 
@@ -141,83 +250,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-# -- building the model --------------------------------------------------------------------
-
-
-def _random_weight_kwargs(fn) -> dict:
-    """weights=None / weights_backbone=None where `fn` takes them: never download weights."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {name: None for name in ("weights", "weights_backbone") if name in params}
-
-
-def _torchvision_builder(name: str):
-    try:
-        import torchvision.models as tvm
-    except ImportError:
-        raise ConvBNError(f"{name!r} is read as a torchvision model name but torchvision is not "
-                          "installed; install it or pass package.module:callable.") from None
-    known = tvm.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConvBNError(f"unknown torchvision model {name!r}{hint}; for your own model pass "
-                          "package.module:callable.")
-    return tvm.get_model_builder(name)
-
-
-def _import_target(spec: str):
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ConvBNError(f"SPEC {spec!r} should look like package.module:callable.")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as exc:  # a user module can fail to import in any way
-        raise ConvBNError(f"could not import {module_name!r} ({_one_line(exc)}); run from "
-                          "the project root or put it on PYTHONPATH.") from None
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise ConvBNError(f"{module_name!r} has no attribute {attr_path!r}; check the "
-                              "name after the colon.")
-        target = getattr(target, part)
-    return target
-
-
-def build_model(spec: str) -> nn.Module:
-    """The nn.Module SPEC names, built with random weights; ConvBNError for bad input."""
-    if ":" in spec:
-        target = _import_target(spec)
-    else:
-        target = _torchvision_builder(spec)
-    if isinstance(target, nn.Module):
-        return target
-    if not callable(target):
-        raise ConvBNError(f"{spec} is not callable ({type(target).__name__}); point SPEC at a "
-                          "function or class that returns an nn.Module.")
-    kwargs = _random_weight_kwargs(target)
-    try:
-        inspect.signature(target).bind(**kwargs)
-    except TypeError:
-        raise ConvBNError(f"{spec} needs arguments; SPEC must name a callable that takes none "
-                          "(wrap it in a function that builds your model).") from None
-    except ValueError:  # no signature to check (a builtin): just call it
-        pass
-    try:
-        model = target(**kwargs)
-    except Exception as exc:  # whatever the user's builder raises is bad input here
-        raise ConvBNError(f"calling {spec}() raised {_one_line(exc)}.") from None
-    if not isinstance(model, nn.Module):
-        raise ConvBNError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
-    return model
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].rstrip('.')}" if lines else type(exc).__name__
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -350,6 +382,50 @@ def _run_report(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"{args.prog}: {failure}", file=sys.stderr)
     return EXIT_MISSED if failures else EXIT_OK
+
+
+def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    if args.input and (args.batch or args.size):
+        raise ConvBNError("--input and --batch/--size both set the input shape; pass one of "
+                          "them.")
+    if args.sweep_batch and args.batch:
+        raise ConvBNError("--sweep-batch and --batch both set the batch size; pass one of "
+                          "them.")
+    shape = args.input or (args.batch or 8, 3, args.size or 224, args.size or 224)
+    return [(b, *shape[1:]) for b in args.sweep_batch] if args.sweep_batch else [shape]
+
+
+def _run_measure(args: argparse.Namespace) -> int:
+    shapes = _input_shapes(args)
+    if args.plot:
+        from .plot import check_plot_path
+
+        check_plot_path(args.plot)  # before minutes of measuring, not after
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bar = ProgressBar(f"measure {args.spec}", enabled=False if args.quiet else None,
+                      delay=PROGRESS_DELAY)
+    try:
+        result = measuring.measure(args.spec, shapes, state=args.state, modes=args.modes,
+                                   device=device, compile=args.compile, steps=args.steps,
+                                   peak=not args.no_peak, progress=bar)
+    finally:
+        bar.close()
+    if args.plot:
+        from .plot import plot_measurement
+
+        plot_measurement(result, args.plot)
+    if args.format == "json":
+        sys.stdout.write(format_measure_json(result))
+    else:
+        sys.stdout.write(format_measure_text(result, args.format))
+    sys.stdout.flush()
+    failed = [f"{f.mode} at {'x'.join(map(str, r.shape))}" for r in result.inputs
+              for f in r.modes.values() if f.error]
+    if failed:
+        print(f"{args.prog}: out of memory, not measured: {', '.join(failed)}; the other "
+              "figures are above.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 def _log_handler(verbose: int) -> logging.Handler:

@@ -4,7 +4,7 @@ Every error a user can cause is one of these, with one sentence that names the f
 mistake never surfaces as a traceback from deep inside torch.fx or ATen.
 """
 
-__all__ = ["ConvBNError", "TraceError", "ModeError", "LoweringError"]
+__all__ = ["ConvBNError", "TraceError", "ModeError", "LoweringError", "exception_summary"]
 
 
 class ConvBNError(Exception):
@@ -24,3 +24,9 @@ class LoweringError(ConvBNError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""
+
+
+def exception_summary(exc: BaseException) -> str:
+    """`Type: first line of the message` (no final period), to quote inside a sentence."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].rstrip('.')}" if lines else type(exc).__name__

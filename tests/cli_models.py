@@ -1,9 +1,12 @@
-"""Small models for tests/test_cli.py, importable as `cli_models:NAME` (SPEC of the CLI).
+"""Small models for tests/test_cli.py and test_measure.py, importable as `cli_models:NAME`.
 
 `skippy` has one block of each kind the report must list as skipped, next to two that fold;
-the other callables are bad input for the CLI's exit-status tests.
+`tiny` is what `convbn-fx measure` is tested on; `oom_from_batch_4` runs out of memory (on
+purpose) in training steps from batch 4; the other callables are bad input for the CLI's
+exit-status tests.
 """
 
+import torch
 import torch.nn as nn
 
 
@@ -39,6 +42,29 @@ class Skippy(nn.Module):
 
 def skippy() -> nn.Module:
     return Skippy()
+
+
+def tiny() -> nn.Module:
+    """Two conv→BN blocks and a dropout (the same masks must reach every mode)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+class _AllocationLimit(nn.Module):
+    # Stands in for a GPU that is too small: a training step from batch 4 up cannot allocate.
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.shape[0] >= 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return x
+
+
+def oom_from_batch_4() -> nn.Module:
+    # _AllocationLimit does not trace (it branches on the batch size): the model is
+    # rewritten in parts, the conv→BN block on its own.
+    return nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)),
+                         _AllocationLimit(), nn.Flatten())
 
 
 def no_blocks() -> nn.Module:

@@ -1,6 +1,7 @@
-"""How the benchmarks measure: interleaved step times, peak memory in a fresh process.
+"""How figures are taken: interleaved step times, peak memory in a fresh process.
 
-Timing variants one after another (all of A, then all of B) lets a CPU's clock, cache and
+`convbn-fx measure` (convbn_fx.measure) and the scripts in bench/ take their figures the same
+way, so both are built on these few functions. Timing variants one after another (all of A, then all of B) lets a CPU's clock, cache and
 the neighbours' load drift between them; running them round-robin (A B C A B C ...) after a
 warm-up and taking medians spreads that drift evenly. Peak memory is a property of a whole
 process (torch allocates outside Python, so tracemalloc sees nothing): each variant runs in a
@@ -9,6 +10,7 @@ fresh interpreter that reports its peak resident set, and on CUDA `torch.cuda.ma
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -21,13 +23,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["device", "sync", "interleaved_medians", "rss_mib", "peak_rss_mib",
-           "child_report", "run_child", "machine"]
+__all__ = ["default_device", "sync", "interleaved_medians", "rss_mib", "peak_rss_mib",
+           "peak_during", "child_report", "run_child", "ChildFailed", "machine"]
 
-_REPORT = "CONVBN_BENCH_REPORT "  # marks the child's one JSON line on stdout
+_REPORT = "CONVBN_FX_CHILD_REPORT "  # marks the child's one JSON line on stdout
 
 
-def device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -39,18 +41,22 @@ def sync() -> None:
 
 def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
                         warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
-                        before: Callable[[], object] | None = None) -> dict[str, float]:
+                        before: Callable[[], object] | None = None,
+                        after: Callable[[str], object] | None = None) -> dict[str, float]:
     """Median seconds per call of each step, called round-robin after `warmup` calls each.
 
     `clock=time.process_time` measures CPU time instead of wall time: for single-threaded
     Python work (a graph pass) it is what wall time would be on an idle machine, and it does
     not count the time other processes on a busy machine took the CPU away. `before` runs
-    untimed ahead of every timed call (e.g. `gc.collect`).
+    untimed ahead of every timed call (e.g. `gc.collect`); `after(name)` runs after every
+    call, warm-up included (e.g. to advance a progress bar).
     """
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             steps[name]()
+            if after is not None:
+                after(name)
     sync()
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
@@ -61,6 +67,8 @@ def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
             steps[name]()
             sync()
             times[name].append(clock() - start)
+            if after is not None:
+                after(name)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -90,20 +98,69 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current resident set (Linux 4.0+; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_during(step: Callable[[], object], repeats: int, device: torch.device | str = "cpu",
+                warmup: int = 0) -> dict[str, float]:
+    """Run `step` `warmup` + `repeats` times; memory before and at the peak of the repeats, MiB.
+
+    Meant for a fresh process (see `run_child`), where the peak is this step's own:
+    `rss_before` and `peak_rss` (resident memory), and on CUDA `cuda_peak`
+    (`torch.cuda.max_memory_allocated`). Warm-up steps (e.g. torch.compile compiling) are
+    left out of the peak.
+    """
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        step()
+    gc.collect()
+    if warmup:
+        _reset_peak_rss()
+    before = rss_mib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(repeats):
+        step()
+    figures = {"rss_before": before, "peak_rss": peak_rss_mib()}
+    if cuda:
+        torch.cuda.synchronize(device)
+        figures["cuda_peak"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return figures
+
+
 def child_report(values: dict) -> None:
     """Called in the child: hand `values` back to `run_child` on stdout."""
     print(_REPORT + json.dumps(values), flush=True)
 
 
-def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
-    """Run `python -m module *args` in a fresh interpreter; return what it `child_report`ed."""
+class ChildFailed(RuntimeError):
+    """A child process ended without reporting; `returncode` < 0 is the signal that ended it."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 1800,
+              env: Mapping[str, str] | None = None) -> dict:
+    """Run `python -m module *args` in a fresh interpreter; return what it `child_report`ed.
+
+    Raises ChildFailed when it exits without a report (a crash, or killed for memory).
+    """
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_REPORT):
             return json.loads(line[len(_REPORT):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    raise RuntimeError(f"{module} {' '.join(args)} exited {proc.returncode}: {tail[0]}")
+    raise ChildFailed(f"{module} {' '.join(args)} exited {proc.returncode}: {tail[0]}",
+                      proc.returncode)
 
 
 def _cpu_name() -> str:
