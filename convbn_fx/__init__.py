@@ -14,6 +14,7 @@ from .export import tune_exported
 from .kinds import declare_leaf, declare_safe
 from .modes import Mode
 from .passes import get_lowerings, register_lowering
+from . import scaled_ops  # noqa: F401  registers convbn_fx::conv_scaled and ::linear_scaled
 from .tuned import TunedGraphModule
 
 __version__ = "0.1.0"

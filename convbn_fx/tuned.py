@@ -34,6 +34,13 @@ __all__ = ["TunedGraphModule"]
 log = logging.getLogger(__name__)
 
 
+# Shown by Dynamo when torch.compile(model, fullgraph=True) meets a state change.
+_RELOWER_UNDER_DYNAMO = (
+    "convbn_fx lowers the blocks again in Python when module state changes (train/eval, "
+    "requires_grad, hooks), which one graph cannot hold; for fullgraph=True compile in place "
+    "with model.compile(fullgraph=True), which runs that check before the compiled forward")
+
+
 def _eager_only(fn):
     """Keep torch.compile from tracing `fn` (it edits and recompiles the graph module).
 
@@ -47,7 +54,8 @@ def _eager_only(fn):
             return fn(*args, **kwargs)
         disabled = run.__dict__.get("disabled")
         if disabled is None:
-            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(fn)
+            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(
+                fn, reason=_RELOWER_UNDER_DYNAMO)
         return disabled(*args, **kwargs)
 
     return run
@@ -57,6 +65,10 @@ def _call_checked(self, *args, **kwargs):
     # Installed as the class's __call__ by recompile(): the per-call state check.
     if self._convbn_state() != self._convbn_key:
         self._convbn_relower()
+    if torch.compiler.is_compiling():
+        # Dynamo does not trace into torch.fx's _WrappedCall (it only formats errors), so
+        # under torch.compile(fullgraph=True) it would stop here; nn.Module's call it traces.
+        return nn.Module.__call__(self, *args, **kwargs)
     return self._wrapped_call(self, *args, **kwargs)
 
 
