@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn as nn
 
 from .blocks import Block, BlockInfo
-from .errors import ModeError
+from .errors import ConvBNError, ModeError
 from .kinds import is_frozen_bn
 from .matching import find_blocks
 from .modes import Mode, auto_mode
@@ -85,6 +85,39 @@ def _traced_through_branchy(gm: torch.fx.GraphModule, template: torch.fx.Graph) 
     return found
 
 
+def _inlined_modules(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list[tuple]:
+    """(path, parent, name, module) for each submodule whose forward the trace inlined.
+
+    The graph reads such a module's tensors without calling it, so a hook, `fully_shard` or an
+    activation-checkpoint wrapper put on it after the rewrite would never run. Taken from the
+    tracer's module stack, so modules the forward never entered are not included.
+    """
+    called = {n.target for n in template.nodes if n.op == "call_module"}
+    paths = {entry[0] for n in template.nodes
+             for entry in n.meta.get("nn_module_stack", {}).values()}
+    found = []
+    for path in sorted(paths - called - {""}):
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = gm.get_submodule(parent_path)
+        except AttributeError:
+            continue
+        if parent._modules.get(name) is not None:
+            found.append((path, parent, name, parent._modules[name]))
+    return found
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                or m._backward_hooks)
+
+
+def _inlined_state(parent: nn.Module, name: str, m: nn.Module) -> tuple:
+    # Hook dicts are keyed by handle ids, which only grow: adding and removing both show.
+    return (parent._modules.get(name) is m, tuple(m._forward_pre_hooks),
+            tuple(m._forward_hooks), tuple(m._backward_pre_hooks), tuple(m._backward_hooks))
+
+
 class _State(NamedTuple):
     """What the chosen lowerings depend on, read before every call."""
 
@@ -93,6 +126,7 @@ class _State(NamedTuple):
     branch_training: list[bool]     # traced-through modules whose forward reads `training`
     registry: int                   # the lowering registry's version
     hooks: list[bool]               # hooks on block modules (folding would skip them)
+    inlined: list[tuple]            # identity and hooks of modules whose forward was inlined
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -100,6 +134,12 @@ class TunedGraphModule(torch.fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, mode,
                  source: nn.Module | None = None, prefix: str = ""):
+        if _has_hooks(root):
+            raise ConvBNError(
+                f"{prefix or type(root).__name__} has hooks (fully_shard, activation "
+                f"checkpointing or register_*_hook) that the rewritten copy tune_mode makes of it "
+                f"would not run; call tune_mode first and add them to its result (fully_shard: "
+                f"only to the result's root).")
         # Start from an empty graph: generating code for the traced graph only to replace it
         # at once would cost a third of tune_mode's time. The lowered graph is compiled once.
         stub = torch.fx.Graph()
@@ -143,6 +183,7 @@ class TunedGraphModule(torch.fx.GraphModule):
             self.get_submodule(b.conv), self.get_submodule(b.bn))}.values())
         self._convbn_branchy = _traced_through_branchy(self, template) \
             if self._convbn_source is not None else []
+        self._convbn_inlined = _inlined_modules(self, template)
 
     def _convbn_state(self) -> _State:
         """Everything the chosen lowerings depend on; cheap enough to compute every call."""
@@ -152,8 +193,8 @@ class TunedGraphModule(torch.fx.GraphModule):
              if p is not None],
             [m.training for m in self._convbn_branchy],
             registry_version(),
-            [bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                  or m._backward_pre_hooks) for m in self._convbn_hooked],
+            [_has_hooks(m) for m in self._convbn_hooked],
+            [_inlined_state(parent, name, m) for _, parent, name, m in self._convbn_inlined],
         )
 
     def _convbn_uses_batch_stats(self, bn: nn.Module) -> bool:
@@ -205,6 +246,8 @@ class TunedGraphModule(torch.fx.GraphModule):
     def _convbn_relower(self, strict: bool = False) -> None:
         """Lower every block for the current state and recompile (only when state changed)."""
         old, now = self._convbn_key, self._convbn_state()
+        if old is not None and old.inlined != now.inlined:
+            raise ConvBNError(self._convbn_inlined_changed(old.inlined, now.inlined))
         if old is not None and self._convbn_source is not None \
                 and old.branch_training != now.branch_training:
             self._convbn_source.training = self.training  # the root's flag lives on self
@@ -220,6 +263,18 @@ class TunedGraphModule(torch.fx.GraphModule):
             log.debug("%s relowered: %s", type(self).__name__, lowerings)
         self._convbn_lowerings = lowerings
         self._convbn_key = key
+
+    def _convbn_inlined_changed(self, old: list[tuple], now: list[tuple]) -> str:
+        """The sentence for a module whose inlined forward gained hooks or was replaced."""
+        i = next(i for i, (a, b) in enumerate(zip(old, now)) if a != b)
+        path, parent, name, _ = self._convbn_inlined[i]
+        if now[i][0]:
+            change, lost = "had its hooks changed", "they"
+        else:
+            change, lost = f"was replaced by a {type(parent._modules.get(name)).__name__}", "it"
+        return (f"{path} {change} after tune_mode, but the rewritten graph inlines the forward "
+                f"it had, so {lost} would not run; add hooks and activation checkpointing before "
+                f"tune_mode, and fully_shard only the root of tune_mode's result.")
 
     def recompile(self):
         code = super().recompile()

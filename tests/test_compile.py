@@ -23,6 +23,8 @@ from convbn_fx.folding import conv_scaled, linear_bn_tune
 from convbn_fx.match_functional import find_functional_blocks, tune_graph
 from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn, saved_tensor_bytes)
+from float64 import assert_algebra
+from tiny_resnet import Untraced
 
 Mode = convbn_fx.Mode
 
@@ -389,15 +391,6 @@ def _recording_inductor(seen: list):
     return record
 
 
-def _outputs_and_grads(call, model: nn.Module, x: torch.Tensor, weight: torch.Tensor):
-    """`call(x)` and the gradient of `sum(out * weight)` for each parameter of `model`."""
-    for p in model.parameters():
-        p.grad = None
-    out = call(x)
-    (out * weight).sum().backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 COMPILED_CASES = {
     "conv-blocks": (lambda: _net(), lambda: _input(), torch.ops.convbn_fx.conv_scaled.default, 3),
     "linear-bn1d": (lambda: finetune_state(randomize_bn(LinearNet())),
@@ -423,18 +416,10 @@ def test_compiled_tune_mode_float64_algebra_and_saved_bytes(case):
     tuned = convbn_fx.tune_mode(copy.deepcopy(ref))
     seen = []
     compiled = torch.compile(tuned, backend=_recording_inductor(seen), fullgraph=True)
-    weight = torch.randn(ref(x).shape, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64)
-    want_out, want = _outputs_and_grads(ref, ref, x, weight)
-    got_out, got = _outputs_and_grads(compiled, tuned, x, weight)
+    assert_algebra(ref, compiled, tuned, x)
     assert len(seen) == 1 and seen[0].count(op) == count, seen
-    assert set(got) == set(want) and len(want) == len(list(ref.parameters()))
-    torch.testing.assert_close(got_out, want_out, rtol=1e-9, atol=1e-9)
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-9 * g.abs().max().item(),
-                                   msg=name)
-    eager_bytes = saved_tensor_bytes(lambda: (tuned(x) * weight).sum())
-    compiled_bytes = saved_tensor_bytes(lambda: (compiled(x) * weight).sum())
+    eager_bytes = saved_tensor_bytes(lambda: tuned(x).square().sum())
+    compiled_bytes = saved_tensor_bytes(lambda: compiled(x).square().sum())
     assert compiled_bytes <= 1.02 * eager_bytes, (compiled_bytes, eager_bytes)
 
 
@@ -477,26 +462,13 @@ def test_torch_compile_of_tune_mode_follows_state_changes():
         compiled(x)
 
 
-class Untraced(nn.Module):
-    """Python torch.fx cannot trace around a traceable child: tune_mode rewrites it in parts."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = Net()
-
-    def forward(self, x):
-        if len(str(x.dtype)) > 0:  # str() of a Proxy's attribute: not symbolically traceable
-            return self.net(x)
-        return x
-
-
 @pytest.mark.xfail(strict=True, reason=(
     "Dynamo inlines a GraphModule child's forward, not its __call__, so the per-call state "
     "check of a part is skipped under compile and the old lowering runs; needs the part's "
     "check inside the forward Dynamo inlines (issue 12's parts redesign)"))
 def test_compiled_parts_follow_state_changes():
     torch.manual_seed(0)
-    model = finetune_state(randomize_bn(Untraced()))
+    model = finetune_state(randomize_bn(Untraced(Net())))
     tuned = convbn_fx.tune_mode(copy.deepcopy(model))
     assert not isinstance(tuned, convbn_fx.TunedGraphModule)  # rewritten in parts
     tuned.compile()
