@@ -3,11 +3,11 @@
     python -m bench.compile            # resnet18, batch 8, 224x224, on CPU
     python -m bench.compile --quick    # 64x64, few repeats: checks that everything runs
 
-Transfer-learning state (model.train(), every BN frozen), one SGD step per measurement. Five
+Transfer-learning state (model.train(), every BN frozen), one SGD step per measurement. Six
 ways to run the same model: eager with BN as written (Eval), eager `tune_mode` (Tune),
-`torch.compile` alone, `torch.compile` with inductor's `efficient_conv_bn_eval_fx_passes`, and
-`torch.compile(backend=convbn_fx.backend)`. Steps are timed interleaved (one step of each
-variant per round) after warm-up, so load from other processes hits all variants alike; the
+`torch.compile` alone, `torch.compile` with inductor's `efficient_conv_bn_eval_fx_passes`,
+`torch.compile(backend=convbn_fx.backend)`, and `torch.compile(convbn_fx.tune_mode(model))`.
+Steps are timed interleaved (one step of each variant per round) after warm-up, so load from other processes hits all variants alike; the
 table shows the median. Saved bytes are what autograd keeps for backward during one forward
 (`convbn_fx.testing.saved_tensor_bytes`), deterministic unlike time. A full run writes its
 table to the "compile" section of bench/RESULTS.md; `--quick` only prints.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from typing import Callable
 
@@ -39,6 +40,10 @@ def _eager(model: nn.Module) -> nn.Module:
 
 def _tune(model: nn.Module) -> nn.Module:
     return convbn_fx.tune_mode(model)
+
+
+def _compiled_tune(model: nn.Module) -> nn.Module:
+    return torch.compile(convbn_fx.tune_mode(model))  # the one-liner, then the usual step
 
 
 def _compiled(model: nn.Module) -> nn.Module:
@@ -71,6 +76,7 @@ VARIANTS: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
     ("torch.compile", _compiled),
     ("torch.compile + efficient_conv_bn_eval", _compiled_inductor_convbn),
     ("torch.compile(backend=convbn_fx)", _compiled_convbn_fx),
+    ("torch.compile(tune_mode(model))", _compiled_tune),
 ]
 
 
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         warm_s, saved, diff = rows_extra[name]
         rows.append([name, f"{ms:.1f}", f"{eval_ms / ms:.2f}x", f"{saved / 2**20:.1f}",
                      f"{warm_s:.0f}", f"{diff:.1e}"])
-    command = "python -m bench.compile" + (" --quick" if args.quick else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m bench.compile", *given])
     text = "\n".join([
         "## torch.compile backends (training step)", "", header(command),
         f"resnet18, batch {args.batch}, {size}x{size}, frozen BN, SGD step; median of {rounds} "

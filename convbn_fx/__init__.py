@@ -16,6 +16,7 @@ from .parts import TunedPart
 from .tracing import declare_leaf_function
 from .modes import Mode
 from .passes import get_lowerings, register_lowering
+from . import scaled_ops  # noqa: F401  registers convbn_fx::conv_scaled and ::linear_scaled
 from .tuned import TunedGraphModule
 
 __version__ = "0.1.0"

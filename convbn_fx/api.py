@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
-from .kinds import block_types, has_hooks, is_declared_leaf
+from .kinds import block_types, has_hooks, has_object_state, is_declared_leaf
 from .modes import ModeArg, normalize_mode
 from .parts import (TunedPart, Untraceable, is_rewritten, make_part, one_line,
                     replace_submodules, rewrite_parts, shallow_copy)
@@ -50,9 +50,18 @@ class _Rewriter:
         """
         if is_rewritten(module):
             return self.remode(module)
-        if isinstance(module, torch.fx.GraphModule) and not as_part:
-            return TunedGraphModule(module, copy.deepcopy(module.graph), self.mode,
-                                    prefix=prefix)
+        if has_object_state(module) and not self.inplace:
+            raise ConvBNError(
+                f"{prefix or type(module).__name__} was passed to fully_shard (or another "
+                "composable API that keeps its state on the module object), so it cannot be "
+                "rewritten as a copy; call tune_mode(model, inplace=True), or tune_mode "
+                "before fully_shard.")
+        if isinstance(module, torch.fx.GraphModule):
+            graph = copy.deepcopy(module.graph)
+            if not as_part and not has_hooks(module):
+                return TunedGraphModule(module, graph, self.mode, prefix=prefix)
+            return make_part(module, lambda view: TunedGraphModule(
+                view, graph, self.mode, prefix=prefix), inplace=self.inplace)
         try:
             traced = trace_graph(module)
         except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
@@ -73,9 +82,10 @@ class _Rewriter:
         """`module` with the submodules its trace kept as calls rewritten on their own."""
         replacements = {}
         for target in dict.fromkeys(n.target for n in traced.graph.nodes
-                                    if n.op == "call_module"):
-            child = module.get_submodule(target)
-            if isinstance(child, block_types()) or not has_blocks_inside(child):
+                                    if n.op in ("call_module", "get_attr")):
+            child = _submodule(module, target)  # get_attr: a module passed as a value
+            if child is None or isinstance(child, block_types()) \
+                    or not has_blocks_inside(child):
                 continue
             path = f"{prefix}.{target}" if prefix else target
             if is_declared_leaf(child) or target in traced.opaque:
@@ -115,6 +125,13 @@ class _Rewriter:
             new_gm.__dict__[key] = part.__dict__[key]
         part.__dict__["_convbn_part"] = new_gm
         return part
+
+
+def _submodule(module: nn.Module, target: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(target)
+    except AttributeError:
+        return None
 
 
 def rewrite_kept_calls(module: nn.Module, traced: Trace, mode, prefix: str = "") -> None:

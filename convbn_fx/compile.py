@@ -5,9 +5,11 @@ placeholders or `get_attr` nodes). Both entry points rewrite every foldable bloc
 graph with `match_functional.tune_graph` before AOTAutograd traces it, so the fold reaches
 the backward graph too: BN's elementwise pass and the saved conv output disappear from the
 training step, which inductor's own `efficient_conv_bn_eval_fx_passes` leaves to the
-partitioner. Blocks whose BN has `training=True` are left to run as written. The folded
-conv runs as one opaque custom op (`convbn_fx::conv_scaled`), so AOTAutograd's partitioner
-keeps x, W and s for backward but never the folded weight W·s (see `conv_scaled_op`).
+partitioner. Blocks whose BN has `training=True` are left to run as written. When
+AOTAutograd traces the rewritten graph, `folding.conv_scaled` becomes one opaque custom op
+(`convbn_fx::conv_scaled`), so the partitioner keeps x, W and s for backward but never the
+folded weight W·s (see `scaled_ops`); under autocast it stays the autograd.Function, which
+casts as the unrewritten conv does.
 
     model = torch.compile(model, backend=convbn_fx.backend)   # or backend="convbn_fx"
 
@@ -20,13 +22,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import pathlib
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .folding import _ConvScaledWeight, conv_scaled, scale_weight
 from .match_functional import tune_graph
 from .modes import Mode, ModeArg, normalize_mode
 from .passes import get_lowerings
@@ -36,44 +37,6 @@ __all__ = ["backend", "make_backend", "TunePass", "pre_grad_pass"]
 log = logging.getLogger(__name__)
 
 _PACKAGE = pathlib.Path(__file__).parent
-
-
-@torch.library.custom_op("convbn_fx::conv_scaled", mutates_args=())
-def conv_scaled_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                   dilation: List[int], transposed: bool, output_padding: List[int],
-                   groups: int) -> torch.Tensor:
-    """`folding.conv_scaled` as one opaque op, for graphs that AOTAutograd partitions.
-
-    Traced through, `conv_scaled`'s recomputation of W·s in backward is merged with the
-    forward's by AOTAutograd's CSE, and the partitioner then saves W·s for backward (one
-    weight-sized tensor per block, more than Eval keeps for small inputs). As an opaque op
-    the forward's W·s is invisible and the backward (the same formula) recomputes it.
-    """
-    return torch.convolution(x, scale_weight(weight, scale, transposed, groups), bias, stride,
-                             padding, dilation, transposed, output_padding, groups)
-
-
-@conv_scaled_op.register_fake
-def _conv_scaled_fake(x, weight, scale, bias, stride, padding, dilation, transposed,
-                      output_padding, groups):
-    return torch.convolution(x, scale_weight(weight, scale, transposed, groups), bias, stride,
-                             padding, dilation, transposed, output_padding, groups)
-
-
-conv_scaled_op.register_autograd(_ConvScaledWeight.backward,
-                                 setup_context=_ConvScaledWeight.setup_context)
-
-
-def _opaque_conv_scaled(graph: torch.fx.Graph) -> None:
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is conv_scaled:
-            node.target = torch.ops.convbn_fx.conv_scaled.default
-
-
-def _rewrite(graph: torch.fx.Graph, mode) -> None:
-    tune_graph(graph, mode)
-    _opaque_conv_scaled(graph)
 
 
 def make_backend(mode: ModeArg = "auto", compiler: Callable | None = None) -> Callable:
@@ -86,7 +49,7 @@ def make_backend(mode: ModeArg = "auto", compiler: Callable | None = None) -> Ca
     mode = normalize_mode(mode)
 
     def convbn_fx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
-        _rewrite(gm.graph, mode)
+        tune_graph(gm.graph, mode)
         gm.recompile()
         if compiler is not None:
             return compiler(gm, example_inputs)
@@ -120,7 +83,7 @@ class TunePass(CustomGraphPass):
         self.mode = normalize_mode(mode)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        _rewrite(graph, self.mode)
+        tune_graph(graph, self.mode)
 
     def uuid(self) -> bytes | None:
         if callable(self.mode) and not isinstance(self.mode, Mode):

@@ -113,6 +113,17 @@ class _ConvScaledWeight(torch.autograd.Function):
         return (grad_x, grad_weight, grad_scale, grad_b) + (None,) * 6
 
 
+def _opaque(x: torch.Tensor) -> bool:
+    """Use the custom op (`scaled_ops`) rather than the autograd.Function for this call.
+
+    Under torch.compile AOTAutograd traces through an autograd.Function and saves the W·s
+    that its backward recomputes; the opaque op hides it. Not under autocast: a custom op is
+    not on autocast's lists, so it would compute in float32 where the model computes in the
+    autocast dtype; the autograd.Function casts as the unrewritten conv does.
+    """
+    return torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+
+
 def conv_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], transposed: bool, output_padding: Sequence[int],
@@ -120,7 +131,8 @@ def conv_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """`torch.convolution(x, W·s, bias, ...)` with `W·s` recomputed in backward.
 
     Differentiable to x, W, s and bias. Without autograd (inference, or nothing requires grad)
-    it is the plain expression, so compilers and exporters see ordinary aten ops.
+    it is the plain expression, so compilers and exporters see ordinary aten ops. Under
+    torch.compile it is the opaque `convbn_fx::conv_scaled` op (see `scaled_ops`).
     """
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias))
@@ -128,6 +140,10 @@ def conv_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         w = scale_weight(weight, scale, transposed, groups)
         return convolution(x, w, bias, stride, padding, dilation, transposed, output_padding,
                            groups)
+    if _opaque(x):
+        op = torch.ops.convbn_fx.conv_scaled.default
+        return op(x, weight, scale, bias, list(stride), list(padding), list(dilation),
+                  transposed, list(output_padding), groups)
     return _ConvScaledWeight.apply(x, weight, scale, bias, list(stride), list(padding),
                                    list(dilation), transposed, list(output_padding), groups)
 
@@ -230,6 +246,8 @@ def linear_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias))
     if not needs_grad or torch.compiler.is_exporting():
         return F.linear(x, scale_weight(weight, scale), bias)
+    if _opaque(x):
+        return torch.ops.convbn_fx.linear_scaled.default(x, weight, scale, bias)
     return _LinearScaledWeight.apply(x, weight, scale, bias)
 
 

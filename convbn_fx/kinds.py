@@ -26,7 +26,8 @@ from .errors import ConvBNError
 __all__ = ["CONV_TYPES", "LINEAR_TYPES", "BN_TYPES", "FrozenNorm", "conv_base", "bn_base",
            "declare_safe", "declare_leaf", "declare_frozen_norm", "frozen_norm", "is_frozen_bn",
            "is_plain", "is_linear", "keeps_whole", "block_types", "all_bn_types",
-           "bn_spatial_dims", "has_hooks", "overrides_forward", "opaque_types", "is_declared_leaf"]
+           "bn_spatial_dims", "has_hooks", "overrides_forward", "opaque_types", "is_declared_leaf",
+           "has_object_state"]
 
 CONV_TYPES: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -139,6 +140,14 @@ def has_hooks(module: nn.Module) -> bool:
     """Forward or backward hooks: a traced graph would skip them unless the module is a call."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+def has_object_state(module: nn.Module) -> bool:
+    """True for a module a composable API holds state for by identity (`fully_shard`,
+    composable `checkpoint`): only the object itself can be rewritten, never a copy."""
+    composable = sys.modules.get("torch.distributed._composable_state")
+    mapping = getattr(composable, "_module_state_mapping", None)
+    return mapping is not None and module in mapping
 
 
 def is_declared_leaf(module: nn.Module) -> bool:

@@ -39,7 +39,11 @@ class TunedPart:
     def forward(self, *args, **kwargs):
         gm = self.__dict__["_convbn_part"]
         gm.training = self.training  # the graph module is not a child: it follows the part
-        return gm(*args, **kwargs)
+        # The state check here, not only in gm's __call__: torch.compile inlines a module's
+        # forward, and would never see that check inside a nested call.
+        if gm._convbn_state() != gm._convbn_key:
+            gm._convbn_relower()
+        return gm.forward(*args, **kwargs)
 
 
 _part_classes: dict[type, type] = {}

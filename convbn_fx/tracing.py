@@ -8,8 +8,9 @@ tracer cannot see through stays a call, so that a block beside it is still found
   and the trace is retried, so only that submodule is lost, not its parent;
 - a module with hooks, or a wrapper that checkpoints its child, is kept as one call, because a
   traced graph would silently skip its hooks or its checkpointing;
-- a forward that calls `torch.utils.checkpoint` fails the trace of that module on purpose
-  (tracing through it would drop the checkpointing), so it is kept as one call too.
+- `torch.utils.checkpoint.checkpoint(submodule, x)` becomes one graph call, with the
+  submodule rewritten on its own; tracing through it would silently drop the checkpointing
+  (a checkpointed closure cannot be a graph value: the calling module is kept as a call).
 
 BN's own input checks (`_check_input_dim`) branch on the input's rank, unknown while tracing;
 they are recorded as calls that run the module's check at run time, so a BN subclass whose
@@ -56,15 +57,32 @@ def _zoo_leaf_functions() -> list:
     return fns
 
 
-class CheckpointedForward(RuntimeError):
-    """Raised while tracing a forward that calls torch.utils.checkpoint."""
-
-
 _checkpoint = torch.utils.checkpoint.checkpoint
 
 
-def _refuse_checkpoint(*args, **kwargs):
-    raise CheckpointedForward("the forward calls torch.utils.checkpoint, which tracing would drop")
+def _traced_checkpoint(function, *args, **kwargs):
+    """`checkpoint(fn, ...)` while tracing: one graph call, so the checkpointing is kept.
+
+    Traced through, checkpoint would run `fn` on proxies and leave its ops in the graph
+    without the checkpointing. As a call, `fn` must be a submodule (a `get_attr` of it; the
+    caller rewrites it on its own); a closure cannot be a graph value, so tracing fails and
+    the calling module is kept as a call instead.
+    """
+    proxies = _proxies((args, kwargs))
+    if not proxies:
+        return _checkpoint(function, *args, **kwargs)
+    if not isinstance(function, nn.Module):
+        raise TypeError("torch.utils.checkpoint of a function that is not a submodule cannot "
+                        "be a graph call")
+    return proxies[0].tracer.create_proxy("call_function", _checkpoint, (function,) + args,
+                                          kwargs)
+
+
+def _proxies(value) -> list:
+    found = []
+    torch.fx.node.map_aggregate(value, lambda a: found.append(a)
+                                if isinstance(a, torch.fx.Proxy) else None)
+    return found
 
 
 # BN's input checks branch on the input's rank, which a symbolic trace does not know; they
@@ -92,8 +110,8 @@ def _patched_for_tracing():
     """Checkpointing refused, BN input checks recorded as calls, for one trace."""
     saved = [(torch.utils.checkpoint, "checkpoint", _checkpoint)]
     # `torch.utils.checkpoint.checkpoint(...)` / `cp.checkpoint(...)` look the attribute up;
-    # a name imported with `from ... import checkpoint` is autowrapped (see create_proxy).
-    torch.utils.checkpoint.checkpoint = _refuse_checkpoint
+    # a name imported with `from ... import checkpoint` is autowrapped (see the tracer).
+    torch.utils.checkpoint.checkpoint = _traced_checkpoint
     for cls in (nn.modules.batchnorm._NormBase,) + BN_TYPES:
         for name in _INPUT_CHECKS:
             if name in vars(cls):
@@ -136,16 +154,21 @@ class ConvBNTracer(torch.fx.Tracer):
                     pass
             raise
 
-    def create_proxy(self, kind, target, *args, **kwargs):
-        if kind == "call_function" and target is _checkpoint:
-            raise CheckpointedForward("the forward calls torch.utils.checkpoint, which tracing "
-                                      "would drop")
-        return super().create_proxy(kind, target, *args, **kwargs)
+    def create_arg(self, a):
+        if a is _traced_checkpoint:  # an autowrapped `checkpoint` name: the real function
+            a = _checkpoint
+        return super().create_arg(a)
 
     def trace(self, root, concrete_args=None):
         self.failed_in = None
         with _patched_for_tracing():
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        for node in graph.nodes:
+            # fx would write `wrap("torch.utils.checkpoint.checkpoint")` into the generated
+            # code, which breaks every later trace (a dotted name is no global of that code).
+            if node.target is _checkpoint:
+                node.meta.pop("is_wrapped", None)
+        return graph
 
 
 @dataclass

@@ -27,11 +27,18 @@ from .matching import find_blocks
 from .modes import Mode, auto_mode
 from .passes import registry_version
 from .rewrite import copy_graph, lower_graph
-from .tracing import reads_training_flag, trace_graph
+from .tracing import check_input, reads_training_flag, trace_graph
 
 __all__ = ["TunedGraphModule"]
 
 log = logging.getLogger(__name__)
+
+
+# Shown by Dynamo when torch.compile(model, fullgraph=True) meets a state change.
+_RELOWER_UNDER_DYNAMO = (
+    "convbn_fx lowers the blocks again in Python when module state changes (train/eval, "
+    "requires_grad, hooks), which one graph cannot hold; for fullgraph=True compile in place "
+    "with model.compile(fullgraph=True), which runs that check before the compiled forward")
 
 
 def _eager_only(fn):
@@ -47,7 +54,8 @@ def _eager_only(fn):
             return fn(*args, **kwargs)
         disabled = run.__dict__.get("disabled")
         if disabled is None:
-            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(fn)
+            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(
+                fn, reason=_RELOWER_UNDER_DYNAMO)
         return disabled(*args, **kwargs)
 
     return run
@@ -57,17 +65,26 @@ def _call_checked(self, *args, **kwargs):
     # Installed as the class's __call__ by recompile(): the per-call state check.
     if self._convbn_state() != self._convbn_key:
         self._convbn_relower()
-    return self._wrapped_call(self, *args, **kwargs)
+    # Not torch.fx's _WrappedCall (it only formats errors): Dynamo does not trace into it,
+    # and its `super(type(self), obj)` recurses into this function once another wrapper
+    # (FSDP's fully_shard) has swapped the class for a subclass.
+    return nn.Module.__call__(self, *args, **kwargs)
 
 
-def _traced_through(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list:
-    """Submodules the tracer went through (not called as leaves, nor inside one)."""
-    called = {n.target for n in template.nodes if n.op == "call_module"}
+def _traced_through(gm: torch.fx.GraphModule, template: torch.fx.Graph) -> list[tuple]:
+    """(parent, name, module) for each submodule the tracer went through (not a call, nor
+    inside one): the graph reads its tensors without calling it."""
+    # Modules the graph calls, or passes as values (`checkpoint(self.layer1, x)`; not the BN
+    # handed to its own input check, whose forward was traced through).
+    called = {n.target for n in template.nodes if n.op == "call_module" or (
+        n.op == "get_attr" and any(u.target is not check_input for u in n.users))}
     found = []
-    for name, m in gm.named_modules():
-        parts = name.split(".")
-        if name and not any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
-            found.append(m)
+    for parent_name, parent in gm.named_modules():
+        for name, m in parent.named_children():
+            path = f"{parent_name}.{name}" if parent_name else name
+            parts = path.split(".")
+            if not any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
+                found.append((parent, name, m))
     return found
 
 
@@ -79,6 +96,7 @@ class _State(NamedTuple):
     branch_training: list[bool]     # traced-through modules whose forward reads `training`
     registry: int                   # the lowering registry's version
     hooks: list[bool]               # hooks on block modules and traced-through modules
+    replaced: list[bool]            # a traced-through module swapped for another (surgery)
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -128,7 +146,8 @@ class TunedGraphModule(torch.fx.GraphModule):
                             if not is_frozen_bn(self.get_submodule(b.bn))]
         self._convbn_owners = list(mods.values())  # parameters are read through these
         modules = dict(self.named_modules())
-        through = _traced_through(self, template)
+        self._convbn_through = _traced_through(self, template)
+        through = [m for _, _, m in self._convbn_through]
         # A hook on a block module skips the fold; one on a traced-through module would not
         # run at all, so it makes that module a call (see _convbn_retrace).
         self._convbn_hooked = list({id(m): m for m in [
@@ -148,6 +167,7 @@ class TunedGraphModule(torch.fx.GraphModule):
             registry_version(),
             [bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                   or m._backward_pre_hooks) for m in self._convbn_hooked],
+            [parent._modules.get(name) is not m for parent, name, m in self._convbn_through],
         )
 
     def _convbn_uses_batch_stats(self, bn: nn.Module) -> bool:
@@ -200,15 +220,16 @@ class TunedGraphModule(torch.fx.GraphModule):
         """Lower every block for the current state and recompile (only when state changed)."""
         old, now = self._convbn_key, self._convbn_state()
         if old is not None and self._convbn_source is not None and (
-                old.branch_training != now.branch_training or old.hooks != now.hooks):
+                old.branch_training != now.branch_training or old.hooks != now.hooks
+                or old.replaced != now.replaced):
             self._convbn_set_template(self._convbn_retrace())
         elif old is not None and old.hooks != now.hooks:
             self._convbn_set_template(self._convbn_template)  # match again: reasons changed
         lowerings = [self._convbn_choose(b, strict) for b in self._convbn_blocks]
         key = self._convbn_state()  # the blocks may have changed above
-        structure = (key.branch_training, key.registry, key.hooks)
+        structure = (key.branch_training, key.registry, key.hooks, key.replaced)
         if old is None or lowerings != self._convbn_lowerings \
-                or structure != (old.branch_training, old.registry, old.hooks):
+                or structure != (old.branch_training, old.registry, old.hooks, old.replaced):
             self.graph = lower_graph(self._convbn_template, self._convbn_blocks, lowerings)
             log.debug("%s relowered: %s", type(self).__name__, lowerings)
         self._convbn_lowerings = lowerings
@@ -223,9 +244,15 @@ class TunedGraphModule(torch.fx.GraphModule):
         """
         from .api import rewrite_kept_calls  # api builds on this module
 
-        self._convbn_source.training = self.training  # the root's flag lives on self
-        traced = trace_graph(self._convbn_source, self._convbn_opaque)
-        rewrite_kept_calls(self._convbn_source, traced, self._convbn_mode, self._convbn_prefix)
+        # The source's class and plain attributes, over this module's current children (a
+        # child replaced on the result after the rewrite is not on the source).
+        view = object.__new__(type(self._convbn_source))
+        view.__dict__.update(self._convbn_source.__dict__)
+        for key in ("_modules", "_parameters", "_buffers"):
+            view.__dict__[key] = self.__dict__[key]
+        view.training = self.training  # the root's flag lives on self
+        traced = trace_graph(view, self._convbn_opaque)
+        rewrite_kept_calls(view, traced, self._convbn_mode, self._convbn_prefix)
         return traced.graph
 
     def recompile(self):
