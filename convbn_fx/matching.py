@@ -137,6 +137,13 @@ def _kept_whole_reason(module: nn.Module) -> str | None:
             "what the stock one does")
 
 
+def _call_reason(module: nn.Module, extra: int, what: str) -> str | None:
+    """Why a kept-whole module call cannot be folded from the module's attributes."""
+    if extra:
+        return f"the {what} is called with extra arguments (e.g. output_size)"
+    return _kept_whole_reason(module)
+
+
 def _conv_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> _End | None:
     conv = _called_module(node, modules, conv_base)
     if conv is not None:
@@ -145,12 +152,8 @@ def _conv_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> _End | None
         end = _End(t, conv, node, value, {
             "weight": f"{t}.weight", "bias": f"{t}.bias" if conv.bias is not None else None})
         end.linear = is_linear(conv)
-        end.reason = _kept_whole_reason(conv)
-        if end.reason:
-            pass
-        elif extra:
-            end.reason = "the conv is called with extra arguments (e.g. output_size)"
-        elif not end.linear:
+        end.reason = _call_reason(conv, extra, "conv")
+        if end.reason is None and not end.linear:
             end.config = _module_conv_config(conv)
         return end
     found = conv_call(node) if node.op == "call_function" else None
@@ -181,12 +184,9 @@ def _norm_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> _End | None
                 bn, "num_batches_tracked", None) is not None else None)}, eps=float(bn.eps))
         norm = frozen_norm(bn)
         end.epilogue = tuple(f"{t}.{e}" for e in norm.epilogue) if norm else ()
-        end.reason = _kept_whole_reason(bn)
-        if end.reason:
-            pass
-        elif extra:
-            end.reason = "the BN is called with extra arguments"
-        elif not is_frozen_bn(bn) and (bn.running_mean is None or bn.running_var is None):
+        end.reason = _call_reason(bn, extra, "BN")
+        if end.reason is None and not is_frozen_bn(bn) and (
+                bn.running_mean is None or bn.running_var is None):
             end.reason = ("BN has no running statistics (track_running_stats=False), so it "
                           "always normalises with batch statistics")
         return end

@@ -107,7 +107,7 @@ def _deferred_check(name: str, original):
 
 @contextlib.contextmanager
 def _patched_for_tracing():
-    """Checkpointing refused, BN input checks recorded as calls, for one trace."""
+    """For one trace: checkpoint calls and BN input checks recorded as graph calls."""
     saved = [(torch.utils.checkpoint, "checkpoint", _checkpoint)]
     # `torch.utils.checkpoint.checkpoint(...)` / `cp.checkpoint(...)` look the attribute up;
     # a name imported with `from ... import checkpoint` is autowrapped (see the tracer).
@@ -153,11 +153,6 @@ class ConvBNTracer(torch.fx.Tracer):
                 except NameError:  # a module outside the traced tree: blame the caller
                     pass
             raise
-
-    def create_arg(self, a):
-        if a is _traced_checkpoint:  # an autowrapped `checkpoint` name: the real function
-            a = _checkpoint
-        return super().create_arg(a)
 
     def trace(self, root, concrete_args=None):
         self.failed_in = None

@@ -2,10 +2,12 @@
 
 The lowering that is right for a block depends on module state that users change freely
 after the rewrite: `model.train()`, `bn.eval()` on one submodule, `requires_grad_()`, a model
-traced while a `self.training` branch went one way. Before every call, a cheap check compares
-that state with the state the current code was generated for; when it differs, the blocks are
-lowered again from the untouched template graph and the module recompiled. So `code` always
-shows plain torch ops for the lowerings in effect, and the result is never stale.
+traced while a `self.training` branch went one way, hooks (or `fully_shard`) added to a module
+the graph went through, a submodule replaced. Before every call, a cheap check compares that
+state with the state the current code was generated for; when it differs, the blocks are
+lowered again from the untouched template graph (or from a new trace, when the graph itself
+must change) and the module recompiled. So `code` always shows plain torch ops for the
+lowerings in effect, and the result is never stale.
 """
 
 from __future__ import annotations
