@@ -85,15 +85,20 @@ _BN_FUNCTIONS = (torch.nn.functional.batch_norm, torch.batch_norm)
 
 
 def _count_bn(model: nn.Module) -> int:
-    """BN layers left in `model`: BN modules, and batch_norm calls in its traced graphs."""
-    count = 0
+    """BN layers `model` still runs: in its traced graphs, the BN calls and batch_norm
+    functions; elsewhere, BN modules. (A folded timm BatchNormAct2d stays in the tree as
+    the parent of its act, but nothing calls it.)"""
+    count, in_graphs = 0, set()
     for m in model.modules():
-        if isinstance(m, all_bn_types()):
-            count += 1
-        elif isinstance(m, torch.fx.GraphModule):
-            count += sum(n.op == "call_function" and n.target in _BN_FUNCTIONS
-                         for n in m.graph.nodes)
-    return count
+        if isinstance(m, torch.fx.GraphModule):
+            for n in m.graph.nodes:
+                if n.op == "call_function":
+                    count += n.target in _BN_FUNCTIONS
+                elif n.op == "call_module":
+                    count += isinstance(m.get_submodule(n.target), all_bn_types())
+            in_graphs.update(id(s) for s in m.modules() if s is not m)
+    return count + sum(isinstance(m, all_bn_types()) and id(m) not in in_graphs
+                       for m in model.modules())
 
 
 def block_counts(model: nn.Module, variant: nn.Module, mode: str) -> dict[str, int]:
