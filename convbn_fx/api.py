@@ -19,7 +19,7 @@ from .blocks import BlockInfo
 from .errors import ConvBNError, TraceError
 from .kinds import block_types, has_hooks, has_object_state, is_declared_leaf
 from .modes import ModeArg, normalize_mode
-from .parts import (TunedPart, Untraceable, is_rewritten, make_part, one_line,
+from .parts import (TunedPart, Untraceable, attach, is_rewritten, make_part, one_line,
                     replace_submodules, rewrite_parts, shallow_copy)
 from .tracing import Trace, has_blocks_inside, trace_graph
 from .tuned import TunedGraphModule
@@ -119,11 +119,8 @@ class _Rewriter:
             return module
         if not isinstance(module, TunedPart):
             return gm.with_mode(self.mode)
-        new_gm = gm.with_mode(self.mode)
         part = shallow_copy(module)
-        for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
-            new_gm.__dict__[key] = part.__dict__[key]
-        part.__dict__["_convbn_part"] = new_gm
+        attach(part, gm.with_mode(self.mode))
         return part
 
 

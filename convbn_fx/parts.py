@@ -20,7 +20,7 @@ import torch.nn as nn
 from .kinds import block_types
 from .tracing import has_blocks_inside
 
-__all__ = ["TunedPart", "Untraceable", "one_line", "is_rewritten", "make_part",
+__all__ = ["TunedPart", "Untraceable", "one_line", "is_rewritten", "make_part", "attach",
            "replace_submodules", "rewrite_parts", "shallow_copy"]
 
 
@@ -90,11 +90,19 @@ def make_part(module: nn.Module, build: Callable[[nn.Module], nn.Module], *,
     view = object.__new__(type(part))
     view.__dict__ = part.__dict__
     gm = build(view)
-    for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
-        gm.__dict__[key] = part.__dict__[key]
     part.__class__ = _part_class(type(part))
-    part.__dict__["_convbn_part"] = gm
+    attach(part, gm)
     return part
+
+
+_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def attach(part: nn.Module, gm: nn.Module) -> None:
+    """Make `gm` the graph module of `part`, sharing its children, parameters and buffers."""
+    for key in _TREE:
+        gm.__dict__[key] = part.__dict__[key]
+    part.__dict__["_convbn_part"] = gm
 
 
 def replace_submodules(root: nn.Module, replacements: dict[str, nn.Module], *,

@@ -32,6 +32,7 @@ import torch.fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .errors import ConvBNError
 from .kinds import BN_TYPES, all_bn_types, keeps_whole
 
 __all__ = ["ConvBNTracer", "Trace", "trace", "trace_graph", "reads_training_flag",
@@ -41,7 +42,14 @@ _leaf_functions: set = set()
 
 
 def declare_leaf_function(fn):
-    """Keep calls of `fn` as single nodes when tracing (for shape-dependent helpers)."""
+    """Keep calls of `fn` as single nodes when tracing (for shape-dependent helpers).
+
+    `fn` must be a module-level function called by name (torch.fx's autowrap). Usable as a
+    decorator.
+    """
+    if not callable(fn) or isinstance(fn, type):
+        raise ConvBNError(f"declare_leaf_function expects a function, got {fn!r}; for a "
+                          "module class use convbn_fx.declare_leaf.")
     _leaf_functions.add(fn)
     return fn
 

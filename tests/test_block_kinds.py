@@ -291,10 +291,18 @@ def test_declared_safe_subclass_folds():
     assert_close_to_float64(model, tuned, (torch.randn(2, 3, 9, 9),))
 
 
-@pytest.mark.parametrize("fn", ["declare_safe", "declare_leaf"])
-def test_declare_rejects_bad_input(fn):
+@pytest.mark.parametrize("fn,bad", [("declare_safe", nn.ReLU), ("declare_leaf", int),
+                                    ("declare_leaf_function", 3),
+                                    ("declare_leaf_function", nn.ReLU),
+                                    ("declare_frozen_norm", "FrozenBN")])
+def test_declare_rejects_bad_input(fn, bad):
     with pytest.raises(convbn_fx.ConvBNError, match=fn):
-        getattr(convbn_fx, fn)(int if fn == "declare_leaf" else nn.ReLU)
+        getattr(convbn_fx, fn)(bad)
+
+
+def test_declare_frozen_norm_rejects_a_bad_epilogue():
+    with pytest.raises(convbn_fx.ConvBNError, match="epilogue is a tuple"):
+        convbn_fx.declare_frozen_norm(epilogue="act")(nn.Module)
 
 
 def test_declared_leaf_lets_the_rest_trace_whole():
