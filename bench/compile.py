@@ -9,7 +9,7 @@ ways to run the same model: eager with BN as written (Eval), eager `tune_mode` (
 `torch.compile(backend=convbn_fx.backend)`, and `torch.compile(convbn_fx.tune_mode(model))`.
 Steps are timed interleaved (one step of each variant per round) after warm-up, so load from other processes hits all variants alike; the
 table shows the median. Saved bytes are what autograd keeps for backward during one forward
-(`convbn_fx.testing.saved_tensor_bytes`), deterministic unlike time. A full run writes its
+(`convbn_fx.tools.testing.saved_tensor_bytes`), deterministic unlike time. A full run writes its
 table to the "compile" section of bench/RESULTS.md; `--quick` only prints.
 """
 
@@ -28,8 +28,8 @@ import torchvision
 from tabulate import tabulate
 
 import convbn_fx
-from convbn_fx.meters import interleaved_medians
-from convbn_fx.testing import finetune_state, randomize_bn, saved_tensor_bytes
+from convbn_fx.tools.meters import interleaved_medians
+from convbn_fx.tools.testing import finetune_state, randomize_bn, saved_tensor_bytes
 
 from .report import header, progress, write_section
 

@@ -34,10 +34,15 @@ from tabulate import tabulate
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import convbn_fx
-from convbn_fx import measure
-from convbn_fx.meters import (child_report, default_device, interleaved_medians, peak_during,
-                              run_child)
-from convbn_fx.testing import finetune_state, randomize_bn
+from convbn_fx.tools import measure
+from convbn_fx.tools.meters import (
+    child_report,
+    default_device,
+    interleaved_medians,
+    peak_during,
+    run_child,
+)
+from convbn_fx.tools.testing import finetune_state, randomize_bn
 
 from .report import header, progress, write_section
 

@@ -22,7 +22,7 @@ import torchvision
 from tabulate import tabulate
 
 import convbn_fx
-from convbn_fx.testing import finetune_state, randomize_bn
+from convbn_fx.tools.testing import finetune_state, randomize_bn
 
 from .report import header, progress, write_section
 

@@ -27,11 +27,10 @@ import torchvision
 from tabulate import tabulate
 
 import convbn_fx
-from convbn_fx.matching import find_blocks
-from convbn_fx.meters import interleaved_medians
-from convbn_fx.rewrite import lower_graph
-from convbn_fx.testing import finetune_state
-from convbn_fx.tracing import ConvBNTracer, trace
+from convbn_fx.graph.find import find_blocks
+from convbn_fx.model.tracer import ConvBNTracer, trace
+from convbn_fx.tools.meters import interleaved_medians
+from convbn_fx.tools.testing import finetune_state
 
 from .report import header, progress, write_section
 
@@ -68,15 +67,14 @@ def phases(model: nn.Module, repeats: int) -> list[list]:
     graph = ConvBNTracer().trace(model)
     gm = torch.fx.GraphModule(model, graph)
     blocks = find_blocks(graph, gm)
-    modes = [convbn_fx.Mode.TUNE if b.foldable else None for b in blocks]
-    lowered = lower_graph(graph, blocks, modes)
+    lowered = convbn_fx.tune_graph(graph, "auto", gm, inplace=False).graph
     steps = {
         f"trace to a graph ({len(graph.nodes)} nodes)": lambda: ConvBNTracer().trace(model),
         "GraphModule(model, traced graph): codegen + compile": lambda: torch.fx.GraphModule(
             model, graph),
         f"find_blocks ({len(blocks)} blocks)": lambda: find_blocks(graph, gm),
-        f"lower_graph: copy + Tune nodes ({len(lowered.nodes)} nodes)": lambda: lower_graph(
-            graph, blocks, modes),
+        f"tune_graph: find, choose, copy + Tune nodes ({len(lowered.nodes)} nodes)":
+            lambda: convbn_fx.tune_graph(graph, "auto", gm, inplace=False),
         "GraphModule(gm, lowered graph): codegen + compile": lambda: torch.fx.GraphModule(
             gm, lowered),
         "tune_mode(model), all of it": lambda: convbn_fx.tune_mode(model),

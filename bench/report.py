@@ -10,7 +10,7 @@ import datetime
 import pathlib
 import sys
 
-from convbn_fx.meters import machine
+from convbn_fx.tools.meters import machine
 
 __all__ = ["RESULTS", "progress", "header", "write_section"]
 

@@ -3,7 +3,7 @@
 A TunedGraphModule compares module state (BN training flags, requires_grad, `self.training`
 branches, registry version) with the state its code was lowered for before every call, so a
 model is never run with a stale lowering (issue 3). That check must stay under 1 % of a small
-forward. Measured two ways: `_convbn_state()` alone, and the whole `__call__` overhead
+forward. Measured two ways: `follow_state()` alone (read the state, compare), and the whole `__call__` overhead
 (a TunedGraphModule vs a plain GraphModule running the same lowered graph, frozen so Deploy's
 folds are cached, on an 8×8 input so the difference is not lost in the forward's noise). CPU time with one thread, so a busy
 machine does not inflate the figures.
@@ -22,8 +22,8 @@ import torchvision
 from tabulate import tabulate
 
 import convbn_fx
-from convbn_fx.testing import finetune_state, frozen_state
-from convbn_fx.meters import interleaved_medians
+from convbn_fx.tools.meters import interleaved_medians
+from convbn_fx.tools.testing import finetune_state, frozen_state
 
 
 def _per_call(fn, calls: int) -> float:
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     calls = 2000
     with torch.no_grad():
         tuned(x)  # lowered for this state once; every later call only checks
-        state = sorted(_per_call(lambda: tuned._convbn_state() != tuned._convbn_key, calls)
+        state = sorted(_per_call(tuned.follow_state, calls)
                        for _ in range(args.repeats))
         forward = interleaved_medians({"tuned": lambda: tuned(x), "plain": lambda: plain(x)},
                                       repeats=args.repeats, clock=time.process_time)
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     check = state[len(state) // 2]
     overhead = small["tuned"] - small["plain"]
     rows = [
-        ["state check (_convbn_state() != key)", f"{check * 1e6:.1f}",
+        ["state check (follow_state(): read, compare)", f"{check * 1e6:.1f}",
          f"{100 * check / forward['plain']:.3f} %"],
         ["__call__ overhead (tuned − plain, frozen, 8×8)", f"{overhead * 1e6:.1f}",
          f"{100 * overhead / forward['plain']:.3f} %"],
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     print("\nThe tuned − plain difference is below this machine's noise when it is busy; the state\n"
           "check row is the work __call__ adds (one comparison, then the plain call).")
     print(f"\nstate check / forward = {check / forward['plain']:.4%} (goal < 1 %); "
-          f"{len(tuned._convbn_owners)} modules, 1 thread, CPU time")
+          f"{len(tuned.convbn_tuning.watch.owners)} modules, 1 thread, CPU time")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 import convbn_fx
-from convbn_fx.kinds import all_bn_types
-from convbn_fx.testing import compare_to_float64, finetune_state, randomize_bn
+from convbn_fx.tools.testing import compare_to_float64, finetune_state, randomize_bn
+from convbn_fx.vocabulary.kinds import all_bn_types
 
 __all__ = ["FAMILIES", "ZooResult", "count_pairs", "check_model", "build_timm"]
 
@@ -155,7 +155,7 @@ def algebra_error(model: nn.Module, x: torch.Tensor, floor: float = 1e-6) -> flo
     """Largest relative difference, float64 rewritten vs float64 plain, outputs and grads.
 
     A gradient that vanishes (an attention key's bias, which softmax cancels: 1e-29 of the
-    largest gradient) is rounding noise in both models; as in `convbn_fx.testing`, each
+    largest gradient) is rounding noise in both models; as in `convbn_fx.tools.testing`, each
     tensor's difference is taken relative to at least `floor` times the largest norm of its
     kind (outputs, or gradients).
     """

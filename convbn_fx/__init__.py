@@ -3,21 +3,22 @@
     model = convbn_fx.tune_mode(torch.fx.symbolic_trace(model))   # or tune_mode(model)
 
 After You et al., "Efficient ConvBN Blocks for Transfer Learning and Beyond" (ICLR 2024,
-arXiv 2305.11624).
+arXiv 2305.11624). The package is in layers, each a subpackage importing only from itself
+and the layers below: vocabulary → kernels → passes → graph → model → frontends → tools
+(see the README's architecture map). This module re-exports the public names.
 """
 
-from .api import describe, tune_mode
-from .blocks import BlockInfo
-from .deploy_export import deploy_mode
-from .errors import ConvBNError, LoweringError, ModeError, TraceError
-from .export import tune_exported
-from .kinds import declare_frozen_norm, declare_leaf, declare_safe
-from .parts import TunedPart
-from .tracing import declare_leaf_function
-from .modes import Mode
+from .frontends.deploy_mode import deploy_mode
+from .frontends.export import tune_exported
+from .frontends.tune import describe, tune_mode
+from .graph.tune_graph import TuneResult, tune_graph
+from .model.parts import TunedPart
+from .model.tuned import TunedGraphModule
 from .passes import get_lowerings, register_lowering
-from . import scaled_ops  # noqa: F401  registers convbn_fx::conv_scaled and ::linear_scaled
-from .tuned import TunedGraphModule
+from .vocabulary.blocks import BlockInfo
+from .vocabulary.errors import ConvBNError, LoweringError, ModeError, TraceError
+from .vocabulary.kinds import declare_frozen_norm, declare_leaf, declare_leaf_function, declare_safe
+from .vocabulary.modes import Mode
 
 __version__ = "0.1.0"
 
@@ -26,13 +27,14 @@ __all__ = [
     "declare_safe", "declare_leaf", "declare_frozen_norm", "declare_leaf_function",
     "TunedGraphModule", "TunedPart", "ConvBNError", "TraceError", "ModeError",
     "LoweringError", "deploy_mode", "backend", "pre_grad_pass", "tune_exported",
+    "tune_graph", "TuneResult",
 ]
 
 
 def __getattr__(name):
     # The torch.compile entry points import torch._inductor: only when asked for.
     if name in ("backend", "pre_grad_pass"):
-        from . import compile
+        from .frontends import compile
 
         return getattr(compile, name)
     raise AttributeError(f"module 'convbn_fx' has no attribute {name!r}")

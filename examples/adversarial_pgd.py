@@ -25,7 +25,7 @@ from torchvision.datasets import FakeData
 from torchvision.transforms import functional as TF
 
 import convbn_fx
-from convbn_fx.testing import frozen_state, randomize_bn
+from convbn_fx.tools.testing import frozen_state, randomize_bn
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,

@@ -28,7 +28,7 @@ from torchvision.datasets import FakeData
 from torchvision.transforms import functional as TF
 
 import convbn_fx
-from convbn_fx.testing import finetune_state, randomize_bn
+from convbn_fx.tools.testing import finetune_state, randomize_bn
 
 WORLD_SIZE = 2
 

@@ -30,7 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms import functional as TF
 
 import convbn_fx
-from convbn_fx.testing import compare_to_float64, randomize_bn
+from convbn_fx.tools.testing import compare_to_float64, randomize_bn
 
 
 def build_detector(num_classes: int, min_size: int, max_size: int, trainable_layers: int,

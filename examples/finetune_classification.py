@@ -27,7 +27,7 @@ from torchvision.datasets import FakeData
 from torchvision.transforms import functional as TF
 
 import convbn_fx
-from convbn_fx.testing import finetune_state, randomize_bn, saved_tensor_bytes
+from convbn_fx.tools.testing import finetune_state, randomize_bn, saved_tensor_bytes
 
 MODELS = ("resnet18", "mobilenet_v2", "resnet50")
 

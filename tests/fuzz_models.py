@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from convbn_fx.testing import finetune_state, frozen_state, randomize_bn
+from convbn_fx.tools.testing import finetune_state, frozen_state, randomize_bn
 
 __all__ = ["FuzzNet", "FuzzCase", "make_case", "STATES", "apply_state"]
 

@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import convbn_fx
 from convbn_fx import ConvBNError, Mode, ModeError, TraceError
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn)
 
 

@@ -14,8 +14,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.folding import scale_weight
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
+from convbn_fx.kernels.fold import scale_weight
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn, saved_tensor_bytes)
 
 STATES = {"tune": finetune_state, "deploy": frozen_state}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import saved_tensor_bytes
+from convbn_fx.tools.testing import saved_tensor_bytes
 from float64 import assert_algebra
 from tiny_resnet import BLOCKS, BasicBlock, CheckpointedLayers, build
 

@@ -1,6 +1,6 @@
 """`convbn-fx report`: golden outputs, every exit status, the JSON schema, both entry points.
 
-Most tests call `convbn_fx.cli.main` in-process (torch is imported once); two run the real
+Most tests call `convbn_fx.tools.cli.main` in-process (torch is imported once); two run the real
 `python -m convbn_fx` and console script. Golden files live in tests/golden/; after an
 intended change of the output, regenerate them with CONVBN_FX_UPDATE_GOLDEN=1.
 """
@@ -16,9 +16,14 @@ from pathlib import Path
 import pytest
 
 import convbn_fx
-from convbn_fx import cli
-from convbn_fx.blocks import BlockInfo
-from convbn_fx.modes import Mode
+from convbn_fx.tools import cli
+from convbn_fx.tools import report as report_module
+from convbn_fx.tools.options import SCHEMA_VERSION
+from convbn_fx.tools.report import make_report
+from convbn_fx.tools.specs import build_model
+from convbn_fx.tools.testing import finetune_state
+from convbn_fx import BlockInfo
+from convbn_fx import Mode
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "golden"
@@ -233,7 +238,7 @@ def test_timm_not_installed(capsys, monkeypatch):
 
 
 def test_timm_imported_only_for_timm_specs():
-    code = ("import sys; from convbn_fx import cli; "
+    code = ("import sys; from convbn_fx.tools import cli; "
             "assert cli.main(['report', 'cli_models:skippy']) == 0; "
             "assert 'timm' not in sys.modules; "
             "assert cli.main(['report', 'timm/test_resnet']) == 0; "
@@ -247,7 +252,7 @@ def test_internal_error_is_not_bad_input(capsys, monkeypatch):
     def boom(module):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "describe", boom)
+    monkeypatch.setattr(report_module, "describe", boom)
     code, out, err = run(capsys, "report", SKIPPY)
     assert code == 3
     assert "Traceback" in err and "internal error" in err
@@ -275,16 +280,16 @@ def test_json_round_trip(capsys):
     assert json.dumps(data, indent=2) + "\n" == out
     assert list(data) == ["schema_version", "spec", "model", "state", "mode", "traced_whole",
                           "parts", "counts", "blocks", "failures"]
-    assert data["schema_version"] == cli.SCHEMA_VERSION
+    assert data["schema_version"] == SCHEMA_VERSION
     assert len(data["failures"]) == 2 and err.count("\n") == 2
 
     # The blocks read back are exactly what describe() says of the same model.
     blocks = [BlockInfo(b["conv"], b["bn"], b["kind"],
                         Mode(b["lowering"]) if b["lowering"] else None, b["reason"])
               for b in data["blocks"]]
-    model = cli.build_model(SKIPPY)
-    assert blocks == convbn_fx.describe(convbn_fx.testing.finetune_state(model))
-    report = cli.make_report(cli.build_model(SKIPPY), SKIPPY)
+    model = build_model(SKIPPY)
+    assert blocks == convbn_fx.describe(finetune_state(model))
+    report = make_report(build_model(SKIPPY), SKIPPY)
     assert report.counts() == data["counts"]
     assert report.blocks == blocks
 
@@ -296,7 +301,7 @@ def test_quiet_by_default_verbose_logs(capsys):
     code, _, err = run(capsys, "report", SKIPPY)
     assert (code, err) == (0, "")
     code, _, err = run(capsys, "report", SKIPPY, "-v")
-    assert code == 0 and "convbn_fx.api: INFO: convbn_fx rewrote Skippy" in err
+    assert code == 0 and "convbn_fx.frontends.tune: INFO: convbn_fx rewrote Skippy" in err
 
 
 def test_python_dash_m(tmp_path):

@@ -18,10 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convbn_fx
-from convbn_fx.compile import TunePass, make_backend
-from convbn_fx.folding import conv_scaled, linear_bn_tune
-from convbn_fx.match_functional import find_functional_blocks, tune_graph
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
+from convbn_fx.frontends.compile import TunePass, make_backend
+from convbn_fx.kernels.conv import conv_scaled
+from convbn_fx.kernels.linear import linear_bn_tune
+from convbn_fx.graph.find import find_blocks
+from convbn_fx.graph.tune_graph import tune_graph
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn, saved_tensor_bytes)
 from float64 import assert_algebra
 from tiny_resnet import Untraced
@@ -105,7 +107,7 @@ def _targets(gm: torch.fx.GraphModule) -> list:
 @pytest.mark.parametrize("case", list(FOLDS))
 def test_functional_block_folds(case):
     model, gm, x = _traced(case)
-    infos = tune_graph(gm.graph)
+    infos = tune_graph(gm.graph).infos()
     gm.recompile()
     assert [i.lowering for i in infos] == [Mode.TUNE]
     assert infos[0].reason is None
@@ -117,9 +119,9 @@ def test_functional_block_folds(case):
 
 def test_functional_rewrite_is_idempotent():
     _, gm, _ = _traced("conv2d-positional")
-    tune_graph(gm.graph)
+    tune_graph(gm.graph).infos()
     code = gm.recompile().src
-    assert tune_graph(gm.graph) == []
+    assert tune_graph(gm.graph).infos() == []
     assert gm.recompile().src == code
 
 
@@ -147,7 +149,7 @@ def test_functional_block_not_folded(case):
     model = cls(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), call)
     gm = torch.fx.symbolic_trace(model)
     before = _targets(gm)
-    infos = tune_graph(gm.graph)
+    infos = tune_graph(gm.graph).infos()
     assert [i.lowering for i in infos] == [None]
     assert reason in infos[0].reason
     assert _targets(gm) == before
@@ -158,14 +160,14 @@ def test_training_bn_stays_train_and_unmatched_bn_is_no_block():
         m, F.relu(_bn(m, F.conv2d(x, m.conv.weight), training=True))))
     gm = torch.fx.symbolic_trace(model)
     before = _targets(gm)
-    infos = tune_graph(gm.graph)
+    infos = tune_graph(gm.graph).infos()
     assert [(i.lowering, i.reason) for i in infos] == [(Mode.TRAIN, None)]  # BN after relu: none
     assert _targets(gm) == before
 
 
 def test_forced_modes_and_bad_modes():
     model, gm, x = _traced("conv2d-positional")
-    assert [i.lowering for i in tune_graph(gm.graph, "eval")] == [Mode.EVAL]
+    assert [i.lowering for i in tune_graph(gm.graph, "eval").infos()] == [Mode.EVAL]
     gm.recompile()
     assert_close_to_float64(model, gm, (x,))
     _, gm, _ = _traced("conv2d-positional")
@@ -173,7 +175,7 @@ def test_forced_modes_and_bad_modes():
         tune_graph(gm.graph, Mode.DEPLOY)
     with pytest.raises(convbn_fx.ModeError, match="is not a mode"):
         tune_graph(gm.graph, "fold")
-    assert [i.lowering for i in tune_graph(gm.graph, lambda info: None)] == [None]
+    assert [i.lowering for i in tune_graph(gm.graph, lambda info: None).infos()] == [None]
 
 
 def test_pre_grad_pass_uuid_keys_on_mode_and_lowerings():
@@ -328,7 +330,7 @@ class RecordingPass(TunePass):
         self.infos = []
 
     def __call__(self, graph):
-        self.infos += tune_graph(graph, self.mode)
+        self.infos += tune_graph(graph, self.mode).infos()
 
 
 def test_pre_grad_pass_rewrites_inside_inductor():

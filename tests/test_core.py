@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import (assert_close_to_float64, compare_to_float64, finetune_state,
+from convbn_fx.tools.testing import (assert_close_to_float64, compare_to_float64, finetune_state,
                                randomize_bn)
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -328,7 +328,7 @@ def test_readable_code(traced):
     _, gm = traced
     code = convbn_fx.tune_mode(gm).code
     for expected in ("bn1_scale = bn1_weight * bn1_inv_std", "torch.rsqrt(",
-                     "convbn_fx_folding_conv_scaled(x, conv1_weight, bn1_scale"):
+                     "conv_scaled(x, conv1_weight, bn1_scale, bn1_shift"):
         assert expected in code, code
 
 

@@ -14,7 +14,8 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
-from convbn_fx.testing import assert_close_to_float64, randomize_bn
+from convbn_fx.model.tracer import trace
+from convbn_fx.tools.testing import assert_close_to_float64, randomize_bn
 
 BN_KINDS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 
@@ -120,7 +121,7 @@ def test_bn_gone_and_convs_kept(case):
     assert _bns(deployed) == []
     assert not [n for n in deployed.graph.nodes if n.op == "call_module"
                 and isinstance(deployed.get_submodule(n.target), BN_KINDS)]
-    assert len(_conv_calls(deployed)) == len(_conv_calls(convbn_fx.tracing.trace(model)))
+    assert len(_conv_calls(deployed)) == len(_conv_calls(trace(model)))
     # the state_dict lost exactly the BN entries and gained a bias for bias-free convs
     bn_names = {i.bn for i in infos}
     expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in bn_names}

@@ -25,7 +25,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import assert_close_to_float64, finetune_state, randomize_bn
+from convbn_fx.tools.testing import assert_close_to_float64, finetune_state, randomize_bn
 
 SMALL = {"min_size": 64, "max_size": 80, "num_classes": 5}
 FEW_PROPOSALS = {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 40,

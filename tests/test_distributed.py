@@ -30,7 +30,7 @@ import torchvision
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import saved_tensor_bytes
+from convbn_fx.tools.testing import saved_tensor_bytes
 from tiny_resnet import build
 
 if not (dist.is_available() and dist.is_gloo_available()):

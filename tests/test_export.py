@@ -16,8 +16,9 @@ import torch.nn as nn
 import torchvision
 
 import convbn_fx
-from convbn_fx.match_functional import find_functional_blocks, tune_graph
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
+from convbn_fx.graph.find import find_blocks
+from convbn_fx.graph.tune_graph import tune_graph
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn)
 
 Mode = convbn_fx.Mode
@@ -101,7 +102,7 @@ def test_tune_exported_folds_every_block(decomposed, dynamic):
 def test_aten_graph_fills_the_block_record():
     ep = torch.export.export(_model(), (_input(),))
     for flavour in (ep, ep.run_decompositions()):
-        blocks = find_functional_blocks(flavour.graph)
+        blocks = find_blocks(flavour.graph)
         assert [(b.conv, b.bn, b.kind, b.reason) for b in blocks] == [
             ("conv1", "bn1", "Conv2d+BatchNorm2d", None),
             ("conv2", "bn2", "Conv2d+BatchNorm2d", None),
@@ -165,7 +166,7 @@ def _decomposed_graph(use_saved_stats: bool) -> torch.fx.GraphModule:
 def test_tuple_bn_folds_through_getitem():
     gm = _decomposed_graph(use_saved_stats=False)
     original = copy.deepcopy(gm)
-    infos = tune_graph(gm.graph)
+    infos = tune_graph(gm.graph).infos()
     gm.recompile()
     assert [(i.lowering, i.reason) for i in infos] == [(Mode.TUNE, None)]
     assert _count(gm, BN_OPS | {aten.convolution.default}) == 0
@@ -175,7 +176,7 @@ def test_tuple_bn_folds_through_getitem():
 
 def test_tuple_bn_with_saved_statistics_used_is_not_folded():
     gm = _decomposed_graph(use_saved_stats=True)
-    infos = tune_graph(gm.graph)
+    infos = tune_graph(gm.graph).infos()
     assert [i.lowering for i in infos] == [None]
     assert "saved statistics" in infos[0].reason
     assert _count(gm, BN_OPS) == 1

@@ -23,8 +23,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode, ModeError
-from convbn_fx.folding import conv_scaled, frozen_fold
-from convbn_fx.testing import compare_to_float64
+from convbn_fx.kernels.conv import conv_scaled
+from convbn_fx.kernels.frozen import frozen_fold
+from convbn_fx.tools.testing import compare_to_float64
 
 from fuzz_models import STATES, FuzzCase, apply_state, make_case
 

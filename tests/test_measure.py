@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import convbn_fx
-from convbn_fx import cli, measure
-from convbn_fx.testing import finetune_state, saved_tensor_bytes
+from convbn_fx.tools import cli, measure
+from convbn_fx.tools.options import SCHEMA_VERSION
+from convbn_fx.tools.specs import build_model
+from convbn_fx.tools.testing import finetune_state, saved_tensor_bytes
 
 TESTS = Path(__file__).resolve().parent
 TINY = "cli_models:tiny"
@@ -75,7 +77,7 @@ def test_table(capsys):
 
 def test_json_matches_saved_tensor_bytes(capsys):
     data = measure_json(capsys, TINY, "--input", "2x3x16x16", *FAST)
-    assert data["schema_version"] == measure.SCHEMA_VERSION
+    assert data["schema_version"] == SCHEMA_VERSION
     assert list(data) == ["schema_version", "spec", "model", "state", "device", "compiled",
                           "steps", "peak_memory", "machine", "inputs", "errors"]
     assert (data["state"], data["device"], data["peak_memory"], data["errors"]) == \
@@ -88,7 +90,7 @@ def test_json_matches_saved_tensor_bytes(capsys):
 
     # The same bytes, counted here on variants built independently of the CLI.
     x = torch.randn(2, 3, 16, 16)
-    model = finetune_state(cli.build_model(TINY))
+    model = finetune_state(build_model(TINY))
     variants = {"eval": convbn_fx.tune_mode(model, "eval"), "tune": convbn_fx.tune_mode(model),
                 "deploy": convbn_fx.deploy_mode(model)}
     expected = {k: saved_tensor_bytes(lambda m=m: m(x).mean()) for k, m in variants.items()}

@@ -11,7 +11,7 @@ import torchvision
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import finetune_state, randomize_bn, saved_tensor_bytes
+from convbn_fx.tools.testing import finetune_state, randomize_bn, saved_tensor_bytes
 
 MiB = 2 ** 20
 

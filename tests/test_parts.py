@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, randomize_bn,
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, randomize_bn,
                                saved_tensor_bytes)
 
 

@@ -14,7 +14,7 @@ import convbn_fx
 from convbn_fx import Mode
 from convbn_fx.passes import eval as eval_pass
 from convbn_fx.passes import registry
-from convbn_fx.testing import assert_close_to_float64, finetune_state, frozen_state, randomize_bn
+from convbn_fx.tools.testing import assert_close_to_float64, finetune_state, frozen_state, randomize_bn
 
 
 class Net(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, frozen_state,
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn)
 
 

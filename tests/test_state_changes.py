@@ -17,7 +17,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.testing import assert_close_to_float64, finetune_state, randomize_bn
+from convbn_fx.tools.testing import assert_close_to_float64, finetune_state, randomize_bn
 
 T, E, D, U = Mode.TRAIN, Mode.EVAL, Mode.DEPLOY, Mode.TUNE
 

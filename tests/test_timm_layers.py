@@ -20,7 +20,7 @@ from timm.layers.norm_act import convert_sync_batchnorm, freeze_batch_norm_2d  #
 
 import convbn_fx  # noqa: E402
 from convbn_fx import Mode  # noqa: E402
-from convbn_fx.testing import (assert_close_to_float64, finetune_state, randomize_bn,  # noqa: E402
+from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, randomize_bn,  # noqa: E402
                                saved_tensor_bytes)
 
 T, D, U = Mode.TRAIN, Mode.DEPLOY, Mode.TUNE

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock
 
-from convbn_fx.testing import finetune_state, randomize_bn
+from convbn_fx.tools.testing import finetune_state, randomize_bn
 
 __all__ = ["TinyResNet", "CheckpointedLayers", "Untraced", "BLOCKS", "build", "BasicBlock"]
 

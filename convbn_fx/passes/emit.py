@@ -1,7 +1,9 @@
 """Graph-building steps the lowerings share: reading a block's tensors and padding its input.
 
 Node names are derived from the BN's name (`layer1_0_bn1_scale`), so the rewritten
-`GraphModule.code` reads like hand-written torch code.
+`GraphModule.code` reads like hand-written torch code. The fold arithmetic is not written
+here a second time: `kernels.fold.scale_and_shift` is run on torch.fx Proxies, which records
+its ops into the graph.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..blocks import Block, TENSORS
-from ..folding import conv_function
+from ..kernels.conv import conv_function
+from ..kernels.fold import scale_and_shift
+from ..vocabulary.blocks import TENSORS, Block
 
 __all__ = ["call", "tensors", "source", "conv_input", "scale_and_bias", "conv_args",
-           "conv_call", "linear_bn_call"]
+           "emit_conv", "linear_bn_call", "stem"]
 
 
-def _stem(block: Block) -> str:
+def stem(block: Block) -> str:
+    """The prefix of every node a lowering adds for `block`: its BN's name."""
     return block.bn.replace(".", "_")
 
 
@@ -45,23 +49,38 @@ def conv_input(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
     if cfg.pre_pad is None:
         return block.input
     return call(graph, F.pad, (block.input, list(cfg.pre_pad)), {"mode": cfg.pad_mode},
-                name=f"{_stem(block)}_padded")
+                name=f"{stem(block)}_padded")
+
+
+# Names of the fold's intermediate values in the generated code (others keep the op's name).
+_LABELS = {torch.rsqrt: "inv_std", operator.neg: "centred", operator.sub: "centred"}
+
+
+class _Recorder(torch.fx.proxy.GraphAppendingTracer):
+    """Appends what Proxies compute to a graph, naming each node after the block's BN."""
+
+    def __init__(self, graph: torch.fx.Graph, prefix: str):
+        super().__init__(graph)
+        self.prefix = prefix
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        label = _LABELS.get(target, getattr(target, "__name__", "op"))
+        return super().create_node(kind, target, args, kwargs, f"{self.prefix}_{label}",
+                                   type_expr)
 
 
 def scale_and_bias(graph: torch.fx.Graph, block: Block, t: dict[str, Any]):
-    """Emit `s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)` (You et al. 2023, eq. 4)."""
-    stem = _stem(block)
-    var_eps = call(graph, operator.add, (t["running_var"], block.eps), name=f"{stem}_var_eps")
-    inv_std = call(graph, torch.rsqrt, (var_eps,), name=f"{stem}_inv_std")
-    scale = inv_std if t["bn_weight"] is None else call(
-        graph, operator.mul, (t["bn_weight"], inv_std), name=f"{stem}_scale")
-    centred = (call(graph, operator.neg, (t["running_mean"],)) if t["bias"] is None
-               else call(graph, operator.sub, (t["bias"], t["running_mean"])))
-    if t["bn_bias"] is None:
-        return scale, call(graph, operator.mul, (scale, centred), name=f"{stem}_shift")
-    shift = call(graph, operator.mul, (scale, centred), name=f"{stem}_scaled_mean")
-    bias = call(graph, operator.add, (t["bn_bias"], shift), name=f"{stem}_shift")
-    return scale, bias
+    """Record `s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)` (You et al. 2023, eq. 4).
+
+    Returns the two nodes; they are named `<bn>_scale` and `<bn>_shift`.
+    """
+    recorder = _Recorder(graph, stem(block))
+    p = {k: None if v is None else torch.fx.Proxy(v, recorder) for k, v in t.items()}
+    scale, shift = scale_and_shift(p["bias"], p["running_mean"], p["running_var"],
+                                   p["bn_weight"], p["bn_bias"], block.eps)
+    for proxy, what in ((scale, "scale"), (shift, "shift")):
+        proxy.node._rename(f"{stem(block)}_{what}")
+    return scale.node, shift.node
 
 
 def conv_args(block: Block) -> dict[str, Any]:
@@ -72,7 +91,7 @@ def conv_args(block: Block) -> dict[str, Any]:
             "output_padding": list(cfg.output_padding), "groups": cfg.groups}
 
 
-def conv_call(graph: torch.fx.Graph, block: Block, x, weight, bias,
+def emit_conv(graph: torch.fx.Graph, block: Block, x, weight, bias,
               name: str) -> torch.fx.Node:
     """`F.conv2d(x, weight, bias, ...)` (or the block's rank and direction) with its config."""
     cfg = block.config
@@ -88,14 +107,14 @@ def conv_call(graph: torch.fx.Graph, block: Block, x, weight, bias,
 
 def linear_bn_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
                    **extra) -> torch.fx.Node:
-    """One call of `fn` (folding.linear_bn_tune / _deploy) for a Linear→BN block.
+    """One call of `fn` (kernels.linear.linear_bn_tune / _deploy) for a Linear→BN block.
 
-    The fold is decided inside `fn`, per call, from the input's rank (see folding.py), so the
-    block's tensors are passed as they are rather than as graph-level scale and shift.
+    The fold is decided inside `fn`, per call, from the input's rank (see kernels/linear.py),
+    so the block's tensors are passed as they are rather than as graph-level scale and shift.
     """
     t = tensors(graph, block)
     return call(graph, fn,
                 (block.input, t["weight"], t["bias"], t["running_mean"], t["running_var"],
                  t["bn_weight"], t["bn_bias"]),
                 {"eps": block.eps, "bn_ranks": block.bn_ranks, **extra},
-                name=f"{_stem(block)}_{suffix}")
+                name=f"{stem(block)}_{suffix}")

@@ -8,9 +8,9 @@ by `auto`; ask for it with `mode="eval"`.
 import torch.fx
 import torch.nn.functional as F
 
-from ..blocks import Block
-from ..modes import Mode
-from .emit import call, tensors
+from ..vocabulary.blocks import Block
+from ..vocabulary.modes import Mode
+from .emit import call, stem, tensors
 from .registry import register_lowering
 
 __all__ = ["lower_eval"]
@@ -22,4 +22,4 @@ def lower_eval(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
     return call(graph, F.batch_norm,
                 (block.conv_node, t["running_mean"], t["running_var"], t["bn_weight"],
                  t["bn_bias"], False, 0.0, block.eps),
-                name=f"{block.bn.replace('.', '_')}_eval")
+                name=f"{stem(block)}_eval")

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch.fx
 
-from ..blocks import Block
-from ..errors import ConvBNError, LoweringError, ModeError
-from ..modes import Mode
+from ..vocabulary.blocks import Block
+from ..vocabulary.errors import ConvBNError, LoweringError, ModeError
+from ..vocabulary.modes import Mode
 
 __all__ = ["Lowering", "register_lowering", "get_lowering", "get_lowerings", "registry_version"]
 

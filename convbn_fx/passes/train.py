@@ -6,8 +6,8 @@ this lowering leaves the block's nodes untouched.
 
 import torch.fx
 
-from ..blocks import Block
-from ..modes import Mode
+from ..vocabulary.blocks import Block
+from ..vocabulary.modes import Mode
 from .registry import register_lowering
 
 __all__ = ["lower_train"]

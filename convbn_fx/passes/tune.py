@@ -9,10 +9,11 @@ way through `linear_bn_tune`, which checks per call that the input has rank 2.
 
 import torch.fx
 
-from ..blocks import Block
-from ..folding import conv_scaled, linear_bn_tune
-from ..modes import Mode
-from .emit import call, conv_args, conv_input, linear_bn_call, scale_and_bias, tensors
+from ..kernels.conv import conv_scaled
+from ..kernels.linear import linear_bn_tune
+from ..vocabulary.blocks import Block
+from ..vocabulary.modes import Mode
+from .emit import call, conv_args, conv_input, linear_bn_call, scale_and_bias, stem, tensors
 from .registry import register_lowering
 
 __all__ = ["lower_tune"]
@@ -25,4 +26,4 @@ def lower_tune(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
     t = tensors(graph, block)
     scale, bias = scale_and_bias(graph, block, t)
     return call(graph, conv_scaled, (conv_input(graph, block), t["weight"], scale, bias),
-                conv_args(block), name=f"{block.bn.replace('.', '_')}_tune")
+                conv_args(block), name=f"{stem(block)}_tune")

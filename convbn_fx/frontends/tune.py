@@ -1,0 +1,98 @@
+"""The user-facing entry points: `tune_mode` rewrites a model, `describe` reports on it.
+
+`tune_mode` hands the model to the model walk (model/walk.py): traced whole where it can be,
+else in its largest parts that trace, each rewritten by the graph pass and kept following
+its module state. `describe` reads back what each block runs as now.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch.fx
+import torch.nn as nn
+
+from ..model.parts import Untraceable, is_rewritten, rewritten_graphs
+from ..model.tree import has_blocks_inside
+from ..model.walk import Rewriter
+from ..vocabulary.blocks import BlockInfo
+from ..vocabulary.errors import ConvBNError, TraceError
+from ..vocabulary.modes import ModeArg, normalize_mode
+
+__all__ = ["tune_mode", "describe", "check_module"]
+
+log = logging.getLogger(__name__)
+
+
+def check_module(model, fn: str) -> None:
+    """One sentence for a caller that passed something other than a module."""
+    if not isinstance(model, nn.Module):
+        raise ConvBNError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}; "
+                          "pass the model itself (or torch.fx.symbolic_trace(model)).")
+
+
+def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False) -> nn.Module:
+    """Rewrite every conv→BN block of `model` for efficient fine-tuning (Tune mode).
+
+    Args:
+        model: an nn.Module, or a GraphModule from `torch.fx.symbolic_trace`.
+        mode: "auto" (per block, from module state: Train, Tune or Deploy), a `Mode` or its
+            value to force one, or a policy `(BlockInfo) -> Mode | None` (None: leave as is).
+        inplace: rewrite the given GraphModule's graph, or the submodules of a model that
+            only traces in parts, instead of returning a new module. Parameters and buffers
+            are shared with the input either way.
+    Returns:
+        A `TunedGraphModule` when the whole model traces, else the model (or, unless
+        `inplace`, a shallow copy of it) with its traceable parts rewritten; parts keep their
+        class. A model without BN that does not trace comes back as it is.
+    """
+    check_module(model, "tune_mode")
+    walk = Rewriter(normalize_mode(mode), inplace)
+    try:
+        tuned = walk.whole(model)
+    except Untraceable as exc:
+        walk.errors.insert(0, str(exc))
+        result = walk.parts(model, "")
+        if not any(is_rewritten(m) for m in result.modules()):
+            if not has_blocks_inside(model):
+                log.info("%s does not trace and has no BN: nothing to rewrite",
+                         type(model).__name__)
+                return model
+            raise TraceError(
+                f"could not trace {type(model).__name__} or any submodule holding a conv/BN "
+                f"with torch.fx ({walk.errors[0]}); make its forward traceable or pass the "
+                "submodule to rewrite.") from None
+        log.info("%s traced in parts: %s", type(model).__name__, "; ".join(walk.errors))
+        _log_counts(result)
+        return result
+    if inplace and isinstance(model, torch.fx.GraphModule) and tuned is not model:
+        tuned = tuned.take_over(model)  # keeps the caller's object
+    if walk.errors:
+        log.info("%s: submodules kept as calls: %s", type(model).__name__,
+                 "; ".join(walk.errors))
+    _log_counts(tuned)
+    return tuned
+
+
+def _log_counts(model: nn.Module) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    counts = Counter(str(b.lowering) if b.lowering else "skipped" for b in describe(model))
+    log.info("convbn_fx rewrote %s: %s", type(model).__name__, dict(counts) or "no blocks")
+
+
+def describe(module: nn.Module) -> list[BlockInfo]:
+    """The conv→BN blocks of a module and the lowering each runs with in its current state.
+
+    For a module that `tune_mode` has not rewritten, reports what `tune_mode(module)` would
+    do (a dry run: the module is not changed).
+    """
+    check_module(module, "describe")
+    graphs = list(rewritten_graphs(module))
+    if not graphs:
+        if not has_blocks_inside(module):
+            return []
+        tuned = tune_mode(module)
+        return describe(tuned) if tuned is not module else []
+    return [info for name, gm in graphs for info in gm.block_infos(name)]

@@ -1,0 +1,57 @@
+"""Find every conv→BN block of a graph, whatever flavour it is and however the modules look.
+
+All blocks are found first and rewritten afterwards, one per BN call fed directly by a conv
+(or linear) call. A block that is not provably safe to fold is still returned, with the
+one-line reason of the first guard that failed (guards.py), so `describe()` can say why it
+was skipped. A Linear followed by BatchNorm1d is a block too (`op="linear"`); whether its
+input has the rank that makes folding right is only known per call (kernels/linear.py).
+"""
+
+from __future__ import annotations
+
+import torch.fx
+import torch.nn as nn
+
+from ..vocabulary.blocks import Block
+from ..vocabulary.kinds import bn_base
+from .ends import conv_end, norm_end
+from .guards import skip_reason
+
+__all__ = ["find_blocks"]
+
+
+def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Block]:
+    """Every conv→BN block in `graph`, in graph order.
+
+    Args:
+        graph: a module graph (from convbn_fx's tracer: stock convs and BNs are
+            `call_module` nodes, subclasses that were traced through left functional calls),
+            or a functional or aten graph (torch.compile, torch.export) when `root` is None.
+        root: the module owning a module graph's call_module and get_attr targets.
+    Returns:
+        One `Block` per BN fed directly by a conv or linear; its tensors are qualified names
+        (module graphs) or graph nodes. Unfoldable blocks carry a one-line `reason`.
+    """
+    modules = dict(root.named_modules()) if root is not None else {}
+    blocks = []
+    for node in list(graph.nodes):
+        norm = norm_end(node, modules)
+        if norm is None or not isinstance(norm.input, torch.fx.Node):
+            continue
+        conv = conv_end(norm.input, modules)
+        if conv is None:
+            continue
+        block = Block(conv=conv.name, bn=norm.name, kind=f"{conv.kind}+{norm.kind}",
+                      conv_node=conv.node, bn_node=norm.node, training=norm.training)
+        block.reason = skip_reason(conv, norm, root)
+        if block.reason is None:
+            block.input, block.config, block.eps = conv.input, conv.config, norm.eps
+            block.epilogue = norm.epilogue
+            if conv.linear:
+                block.op = "linear"
+                # A BatchNorm1d module checks the rank; F.batch_norm takes any.
+                block.bn_ranks = (2, 3) if norm.node.op == "call_module" \
+                    and bn_base(norm.module) is nn.BatchNorm1d else None
+            block.tensors = {**conv.tensors, **norm.tensors}
+        blocks.append(block)
+    return blocks

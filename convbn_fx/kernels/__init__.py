@@ -1,0 +1,7 @@
+"""Layer 2, kernels: what a rewritten graph calls at run time.
+
+The fold arithmetic (fold.py), the folded conv and linear that recompute `W·s` in backward
+(conv.py, linear.py, each with its custom op for torch.compile), Deploy's cached fold
+(frozen.py) and the input checks that survive the rewrite (checks.py). Imports only the
+vocabulary.
+"""

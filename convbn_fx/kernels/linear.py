@@ -1,0 +1,110 @@
+"""Linear→BatchNorm1d folded: `linear_scaled`, and the per-call rank check that makes it right.
+
+The fold is `linear(x, W·s, b')`, with `W·s` recomputed in backward as for convs (conv.py).
+It is right only when BN normalises the Linear's output features, i.e. for a rank-2 input.
+On a rank-3 input `(N, L, in)` BatchNorm1d normalises dim 1 (L), not the features, so
+folding would be wrong; a symbolic graph has no shapes, so `linear_bn_tune` and
+`linear_bn_deploy` decide per call and otherwise run the block unfolded, exactly as the
+modules would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .conv import needs_grad, use_custom_op
+from .fold import scale_and_shift, scale_weight
+from .frozen import frozen_fold
+
+__all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op", "linear_bn_tune",
+           "linear_bn_deploy"]
+
+
+class LinearScaledWeight(torch.autograd.Function):
+    """linear(x, W·s, bias) that keeps x, W and s for backward, not W·s (as `conv_scaled`)."""
+
+    @staticmethod
+    def forward(x, weight, scale, bias):
+        return F.linear(x, scale_weight(weight, scale), bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, scale, bias = inputs
+        ctx.save_for_backward(x, weight, scale)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scale = ctx.saved_tensors
+        need_x, need_w, need_s, need_b = ctx.needs_input_grad
+        grad_x = grad_w = grad_s = grad_b = None
+        if need_x:
+            grad_x = grad_out @ scale_weight(weight, scale)  # recomputed, never stored
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_w or need_s:
+            grad_ws = grad_2d.t() @ x.reshape(-1, x.shape[-1])  # gradient of W·s
+            grad_w = scale_weight(grad_ws, scale) if need_w else None
+            grad_s = (grad_ws * weight).sum(1) if need_s else None
+        if need_b and ctx.has_bias:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_s, grad_b
+
+
+def _linear_scaled_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`F.linear(x, W·s, bias)`, differentiable to x, W, s and bias."""
+    return F.linear(x, scale_weight(weight, scale), bias)
+
+
+linear_scaled_op = torch.library.custom_op("convbn_fx::linear_scaled", _linear_scaled_op,
+                                           mutates_args=())
+linear_scaled_op.register_fake(_linear_scaled_op)
+linear_scaled_op.register_autograd(LinearScaledWeight.backward,
+                                   setup_context=LinearScaledWeight.setup_context)
+
+
+def linear_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, W·s, bias)` with `W·s` recomputed in backward; plain ops without autograd."""
+    if not needs_grad(x, weight, scale, bias) or torch.compiler.is_exporting():
+        return F.linear(x, scale_weight(weight, scale), bias)
+    if use_custom_op(x):
+        return torch.ops.convbn_fx.linear_scaled.default(x, weight, scale, bias)
+    return LinearScaledWeight.apply(x, weight, scale, bias)
+
+
+def _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks):
+    # What Linear then BatchNorm1d (eval, running statistics) compute, check included.
+    y = F.linear(x, weight, bias)
+    if bn_ranks is not None and y.dim() not in bn_ranks:
+        raise ValueError(f"expected 2D or 3D input (got {y.dim()}D input)")
+    return F.batch_norm(y, mean, var, gamma, beta, False, 0.0, eps)
+
+
+def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                   beta: torch.Tensor | None, eps: float,
+                   bn_ranks: Sequence[int] | None = (2, 3)) -> torch.Tensor:
+    """Tune for Linear→BN: `linear(x, W·s, b')` on rank-2 input, else the unfolded block.
+
+    `bn_ranks`: the output ranks the BN module accepts (BatchNorm1d: 2 and 3; None: any).
+    """
+    if x.dim() != 2:
+        return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
+    return linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
+
+
+def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                     beta: torch.Tensor | None, eps: float,
+                     bn_ranks: Sequence[int] | None = (2, 3),
+                     watch: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
+    """Deploy for Linear→BN: the cached `frozen_fold` on rank-2 input, else the unfolded block."""
+    if x.dim() != 2:
+        return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
+    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
+                                     cache=cache)
+    return F.linear(x, folded_w, folded_b)

@@ -1,0 +1,237 @@
+"""TunedGraphModule: a GraphModule whose conv→BN blocks follow the model's current state.
+
+Before every call, a cheap check compares the module state its lowerings depend on (see
+watch.py) with the state the current code was generated for; when it differs, the rewrite
+pass (`graph.tune_graph`) runs again on the untouched template graph, or on a new trace when
+the graph itself must change, and the module is recompiled. So `code` always shows plain
+torch ops for the lowerings in effect, and the result is never stale. Everything this takes
+beyond a GraphModule is one state object (`Tuning`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..graph.lower import copy_graph
+from ..graph.tune_graph import TuneResult, tune_graph
+from ..vocabulary.blocks import BlockInfo
+from ..vocabulary.modes import Mode, ModeArg
+from .watch import StateKey, Watch
+
+__all__ = ["TunedGraphModule", "Tuning", "Retrace"]
+
+log = logging.getLogger(__name__)
+
+# Traces `view` again over its current children, rewriting what the new trace keeps as
+# calls: (view, untraceable, mode rule, prefix) -> the new template graph.
+Retrace = Callable[[nn.Module, frozenset, ModeArg, str], torch.fx.Graph]
+
+# Shown by Dynamo when torch.compile(model, fullgraph=True) meets a state change.
+_RELOWER_UNDER_DYNAMO = (
+    "convbn_fx lowers the blocks again in Python when module state changes (train/eval, "
+    "requires_grad, hooks), which one graph cannot hold; for fullgraph=True compile in place "
+    "with model.compile(fullgraph=True), which runs that check before the compiled forward")
+
+
+def _eager_only(fn):
+    """Keep torch.compile from tracing `fn` (it edits and recompiles the graph module).
+
+    Unlike `torch.compiler.disable`, importing this module does not import torch._dynamo
+    (seconds of start-up for every user); when Dynamo is not loaded, nothing is compiling.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        disabled = run.__dict__.get("disabled")
+        if disabled is None:
+            disabled = run.__dict__["disabled"] = sys.modules["torch._dynamo"].disable(
+                fn, reason=_RELOWER_UNDER_DYNAMO)
+        return disabled(*args, **kwargs)
+
+    return run
+
+
+def _call_checked(self, *args, **kwargs):
+    # Installed as the class's __call__ by recompile(): the per-call state check.
+    self.follow_state()
+    # Not torch.fx's _WrappedCall (it only formats errors): Dynamo does not trace into it,
+    # and its `super(type(self), obj)` recurses into this function once another wrapper
+    # (FSDP's fully_shard) has swapped the class for a subclass.
+    return nn.Module.__call__(self, *args, **kwargs)
+
+
+@dataclass
+class Tuning:
+    """The one object a TunedGraphModule carries beyond a GraphModule."""
+
+    rule: ModeArg                   # "auto", a Mode, or a policy
+    prefix: str                     # where this graph sits in the model, for policies
+    source: nn.Module | None        # the traced model, retraced when its graph must change
+    untraceable: frozenset[str]     # submodules kept as calls because they did not trace
+    retrace: Retrace | None         # how to trace `source` again (None: never)
+    template: torch.fx.Graph        # the traced graph, never edited
+    result: TuneResult | None = None    # the last lowering of `template`
+    watch: Watch | None = None          # what the per-call check reads
+    key: StateKey | None = None         # the state `result` was lowered for
+
+
+class TunedGraphModule(torch.fx.GraphModule):
+    """A rewritten model; build it with `convbn_fx.tune_mode`, not directly."""
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, mode: ModeArg,
+                 source: nn.Module | None = None, prefix: str = "",
+                 untraceable: frozenset[str] = frozenset(), retrace: Retrace | None = None):
+        # Start from an empty graph: generating code for the traced graph only to replace it
+        # at once would cost a third of tune_mode's time. The lowered graph is compiled once.
+        stub = torch.fx.Graph()
+        stub.output(None)
+        super().__init__(root, stub, type(root).__name__)
+        # Hold the root's whole module tree, not just the modules the graph calls, so the
+        # state_dict keys (and unused submodules) are exactly the input's.
+        for name, child in root.named_children():
+            setattr(self, name, child)
+        for name, p in root.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in root.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
+        for node in graph.nodes:  # other root attributes the graph reads (traced constants)
+            if node.op == "get_attr" and "." not in node.target \
+                    and not hasattr(self, node.target):
+                setattr(self, node.target, getattr(root, node.target))
+        self.training = root.training
+        # Kept out of _modules: the source is not a submodule (it would duplicate every
+        # state_dict key).
+        self.__dict__["_convbn"] = Tuning(mode, prefix, source, frozenset(untraceable), retrace,
+                                          graph)
+        self._relower(strict=True)
+
+    # -- following state --------------------------------------------------------------------
+
+    def follow_state(self) -> None:
+        """Lower again if module state changed since the code was generated (every call)."""
+        t = self.__dict__["_convbn"]
+        if t.watch.read() != t.key:
+            self._relower()
+
+    @_eager_only
+    def _relower(self, strict: bool = False) -> None:
+        """Run the pass again for the current state (only re-lowering what changed)."""
+        t = self.__dict__["_convbn"]
+        old = t.key
+        reuse = t.result
+        if old is None or t.watch is None:
+            reuse = None
+        else:
+            now = t.watch.read()
+            if t.retrace is not None and t.source is not None and now.needs_retrace(old):
+                t.template, reuse = self._retrace(), None
+            elif now.hooks != old.hooks or now.registry != old.registry:
+                reuse = None  # match again: hooks change the reasons, lowerings changed
+        if reuse is None:
+            t.result = t.watch = None
+        result = tune_graph(t.template, t.rule, self, inplace=False, strict=strict,
+                            prefix=t.prefix, reuse=reuse)
+        if t.watch is None:
+            t.watch = Watch.of(self, t.template, result.blocks, t.source)
+        if result is not t.result:
+            t.result = result
+            self.graph = result.graph
+            log.debug("%s relowered: %s", type(self).__name__, result.lowerings)
+        t.key = t.watch.read()
+
+    def _retrace(self) -> torch.fx.Graph:
+        """Trace the source again over this module's current children.
+
+        A module that gained hooks after the rewrite (`register_forward_hook`, FSDP's
+        `fully_shard` on a block) becomes a call, so the hooks run; the retrace function
+        rewrites it in place as a part (hooks and FSDP's state belong to that module object).
+        """
+        t = self.__dict__["_convbn"]
+        # The source's class and plain attributes, over this module's current children (a
+        # child replaced on the result after the rewrite is not on the source).
+        view = object.__new__(type(t.source))
+        view.__dict__.update(t.source.__dict__)
+        for key in ("_modules", "_parameters", "_buffers"):
+            view.__dict__[key] = self.__dict__[key]
+        view.training = self.training  # the root's flag lives on self
+        return t.retrace(view, t.untraceable, t.rule, t.prefix)
+
+    def recompile(self):
+        code = super().recompile()
+        type(self).__call__ = _call_checked
+        return code
+
+    # -- copying ---------------------------------------------------------------------------
+
+    def _deepcopy_init(self):
+        def init(res, fake_mod, graph):
+            torch.fx.GraphModule.__init__(res, fake_mod, graph, type(self).__name__)
+            body = fake_mod.__dict__  # the deep-copied __dict__: restore the whole tree
+            for name, child in body["_modules"].items():
+                setattr(res, name, child)
+            res._parameters.update(body["_parameters"])
+            res._buffers.update(body["_buffers"])
+            res._non_persistent_buffers_set = set(body["_non_persistent_buffers_set"])
+            res.training = body["training"]
+        return init
+
+    def __deepcopy__(self, memo):
+        # Blocks hold graph nodes, which deepcopy cannot map; copy the rest, then re-derive.
+        t = self.__dict__.pop("_convbn")
+        try:
+            res = super().__deepcopy__(memo)
+        finally:
+            self.__dict__["_convbn"] = t
+        res.__dict__["_convbn"] = Tuning(t.rule, t.prefix, copy.deepcopy(t.source, memo),
+                                         t.untraceable, t.retrace, copy_graph(t.template)[0])
+        res._relower()
+        return res
+
+    def take_over(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Make `gm` (the GraphModule this was built over) this rewritten module, in place."""
+        t = self.__dict__["_convbn"]
+        gm.__class__ = type(self)
+        gm.__dict__["_convbn"] = t
+        gm.graph = self.graph
+        t.watch = Watch.of(gm, t.template, t.result.blocks, t.source)  # gm's own tree
+        t.key = t.watch.read()
+        return gm
+
+    # -- public ----------------------------------------------------------------------------
+
+    def block_infos(self, prefix: str = "") -> list[BlockInfo]:
+        """BlockInfo for each block, for the state the model is in now."""
+        self.follow_state()
+        return self.__dict__["_convbn"].result.infos(prefix)
+
+    def with_mode(self, mode: ModeArg) -> "TunedGraphModule":
+        """A new TunedGraphModule over the same modules, lowered by another mode rule."""
+        t = self.__dict__["_convbn"]
+        return TunedGraphModule(self, copy_graph(t.template)[0], mode, source=t.source,
+                                prefix=t.prefix, untraceable=t.untraceable, retrace=t.retrace)
+
+    def set_mode(self, mode: ModeArg) -> None:
+        """Change the mode rule ("auto", a Mode, or a policy) and relower now."""
+        t = self.__dict__["_convbn"]
+        t.rule, t.result, t.watch, t.key = mode, None, None, None
+        self._relower(strict=True)
+
+    @property
+    def convbn_mode(self) -> Mode | str | Callable:
+        return self.__dict__["_convbn"].rule
+
+    @property
+    def convbn_tuning(self) -> Tuning:
+        """The rewrite's state: its rule, template graph, last result and what it watches."""
+        return self.__dict__["_convbn"]
