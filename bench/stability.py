@@ -157,8 +157,8 @@ def pretrain(task: Task, epochs: int = 30, lr: float = 0.5, seed: int = 0,
     large step grows the weights instead of breaking the network; the running variances grow
     with them and s = γ/√(σ²+ε) ends small (median about 0.25), the regime of pretrained
     networks the paper's argument is about. The large learning rate stands in for a real
-    backbone's long pretraining: at 0.05 s stays near 1 here, and Deploy's steps would be no
-    larger than Eval's.
+    backbone's long pretraining: at 0.05, s stays around 1 here (0.5–3), and Deploy's steps
+    are not much larger than Eval's.
     """
     torch.manual_seed(seed)
     model = DigitsResNet().train()
