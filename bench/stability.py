@@ -6,8 +6,8 @@ as far as Eval's step does, and a pretrained network has small s, so Deploy dive
 learning rates where Eval and Tune train well (You et al., arXiv 2305.11624).
 This reproduces it on a small ResNet pretrained on digits 0–4 (scikit-learn's bundled
 `load_digits`, nothing downloaded) and fine-tuned on digits 5–9 with a new head and frozen BN,
-over a learning-rate sweep, seeds, SGD and AdamW, and measures the per-channel step ratio
-that explains the table (`step_ratios`).
+over a learning-rate sweep, seeds, SGD and AdamW, and prints the per-channel step ratio
+that explains the table (bench/step_ratio.py).
 
     python -m bench.stability                  # full sweep: RESULTS.md section, bench/stability.png
     python -m bench.stability --quick          # SGD, the learning rates around the edge (smoke run)
@@ -37,11 +37,12 @@ from torchvision.models.resnet import BasicBlock
 import convbn_fx
 
 from .report import header, progress, write_section
+from .step_ratio import StepRatios, ratio_table, step_ratios
 
-__all__ = ["DigitsResNet", "Task", "Run", "StepRatios", "MissingExtra", "MODES", "OPTIMIZERS",
+__all__ = ["DigitsResNet", "Task", "Run", "MissingExtra", "MODES", "OPTIMIZERS",
            "FULL", "QUICK", "load_tasks", "batch_order", "freeze_bn", "pretrain", "new_head",
            "prepare", "finetune", "failure", "sweep", "float64_agreement", "summarise",
-           "edge_lr", "step_ratios", "main"]
+           "edge_lr", "main"]
 
 MODES = ("eval", "tune", "deploy")
 CLASSES = 5
@@ -371,118 +372,6 @@ def table(rows: list[dict], runs: list[Run], tablefmt: str = "github") -> str:
     return tabulate(body, head, tablefmt=tablefmt, disable_numparse=True)
 
 
-# --- the mechanism ------------------------------------------------------------------------
-
-@dataclass
-class StepRatios:
-    """Per output channel of every block: the BN scale s and the measured step ratios."""
-    optimizer: str
-    exponent: int             # predicted ratio = s ** -exponent
-    scale: torch.Tensor       # |s| = |γ|/√(σ²+ε)
-    measured: torch.Tensor    # ‖ΔW'‖ of Deploy / ‖ΔW'‖ of Eval, the whole step
-    tangential: torch.Tensor  # the same for the steps' parts orthogonal to W'
-
-    @property
-    def predicted(self) -> torch.Tensor:
-        return self.scale ** -self.exponent
-
-    def log_correlation(self, tangential: bool = False) -> float:
-        ratio = self.tangential if tangential else self.measured
-        return torch.corrcoef(torch.stack([ratio.log(), self.predicted.log()]))[0, 1].item()
-
-    def median_ratio(self, tangential: bool = False) -> float:
-        """Median of measured / predicted (1.0 when the prediction is right)."""
-        ratio = self.tangential if tangential else self.measured
-        return (ratio / self.predicted).median().item()
-
-    def summary(self) -> dict:
-        q = torch.tensor([0.05, 0.5, 0.95], dtype=self.scale.dtype)
-        s05, s50, s95 = torch.quantile(self.scale, q).tolist()
-        return {"optimizer": self.optimizer, "predicted": f"1/s^{self.exponent}",
-                "channels": len(self.scale), "log_correlation": self.log_correlation(),
-                "median_ratio": self.median_ratio(),
-                "tangential_log_correlation": self.log_correlation(tangential=True),
-                "tangential_median_ratio": self.median_ratio(tangential=True),
-                "s_median": s50, "s_5": s05, "s_95": s95}
-
-
-def _folded(conv: nn.Module, bn: nn.Module | None) -> torch.Tensor:
-    """W' = W·s, one row per output channel (the conv's own weight when BN is folded away)."""
-    w = conv.weight.detach().flatten(1).clone()
-    if bn is None:
-        return w
-    return w * (bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps)).unsqueeze(1)
-
-
-def _weights(model: nn.Module, blocks: list[tuple[str, str]], folded: bool) -> list:
-    return [_folded(model.get_submodule(c), None if folded else model.get_submodule(b))
-            for c, b in blocks]
-
-
-def step_ratios(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str = "sgd",
-                lr: float = 0.01) -> StepRatios:
-    """How far one step moves each output channel of the folded weight, Deploy over Eval.
-
-    Both start from `model` (frozen BN) and take one step of `optimizer` on the batch (x, y).
-    Eval (and Tune, which computes the same) trains W; as W' = W·s, ∂L/∂W = s·∂L/∂W', so
-    plain SGD moves W by −lr·s·∂L/∂W' and the folded weight by s·ΔW = −lr·s²·∂L/∂W'. Deploy
-    trains W' itself: ΔW'_deploy = −lr·∂L/∂W'. Per output channel the ratio is 1/s²:
-    Deploy's learning rate is 1/s² times Eval's, channel by channel. Adam(W) divides each
-    gradient by its own running RMS, so the s in ∂L/∂W cancels, ΔW and ΔW'_deploy have
-    about the same size and the ratio is 1/s: a weaker effect.
-
-    Eval also trains γ, and s = γ/√(σ²+ε) moves W' along W: ΔW'_eval = s·ΔW + W·Δs, so the
-    whole-step ratio leaves 1/s² where γ's gradient is large (mostly below it: Eval's step
-    grows). The steps' parts orthogonal to W' (which turn a channel's filter rather than
-    rescale it) hold the law exactly, to first order in lr: `tangential`. Momentum does not
-    change a first step; weight decay is left out, because it shrinks W' by about lr·wd·W' in
-    either mode whatever the gradient, and would hide the gradient's step on a channel whose
-    gradient is small.
-
-    Args:
-        model: the fine-tuning model (plain, BN frozen); it is not modified.
-        optimizer: a key of OPTIMIZERS ("sgd": predicted 1/s², "adamw": 1/s).
-    Returns:
-        StepRatios over every output channel of every conv→BN block whose step is not zero
-        (a dead ReLU channel gets no gradient).
-    """
-    blocks = [(i.conv, i.bn) for i in convbn_fx.describe(model) if i.reason is None]
-    models = {"eval": freeze_bn(copy.deepcopy(model)),
-              "deploy": prepare(model, model.fc, "deploy")}
-    before = {m: _weights(net, blocks, m == "deploy") for m, net in models.items()}
-    cls, kwargs = OPTIMIZERS[optimizer]
-    for net in models.values():
-        opt = cls(net.parameters(), lr=lr, **{**kwargs, "weight_decay": 0.0})
-        F.cross_entropy(net(x.to(next(net.parameters()).dtype)), y).backward()
-        opt.step()
-    after = {m: _weights(net, blocks, m == "deploy") for m, net in models.items()}
-    scales, whole, tangential = [], [], []
-    for k, (_, bn_name) in enumerate(blocks):
-        u = F.normalize(before["deploy"][k], dim=1)   # each channel's filter direction
-        step, turn = {}, {}
-        for m in models:
-            delta = after[m][k] - before[m][k]
-            step[m] = delta.norm(dim=1)
-            turn[m] = (delta - (delta * u).sum(1, keepdim=True) * u).norm(dim=1)
-        keep = (step["eval"] > 0) & (step["deploy"] > 0) & (turn["eval"] > 0)
-        bn = model.get_submodule(bn_name)
-        scales.append((bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach()[keep].abs())
-        whole.append(step["deploy"][keep] / step["eval"][keep])
-        tangential.append(turn["deploy"][keep] / turn["eval"][keep])
-    exponent = 1 if cls in (torch.optim.Adam, torch.optim.AdamW) else 2
-    return StepRatios(optimizer, exponent, *(torch.cat(t).double()
-                                             for t in (scales, whole, tangential)))
-
-
-def ratio_table(ratios: list[StepRatios], tablefmt: str = "github") -> str:
-    body = [[r.optimizer, f"1/s^{r.exponent}", len(r.scale),
-             f"{r.log_correlation():.3f}", f"{r.median_ratio():.3f}",
-             f"{r.log_correlation(True):.4f}", f"{r.median_ratio(True):.4f}"] for r in ratios]
-    head = ["optimizer", "predicted", "channels", "whole step: corr of logs", "median ratio",
-            "orthogonal to W': corr of logs", "median ratio"]
-    return tabulate(body, head, tablefmt=tablefmt, disable_numparse=True)
-
-
 # --- the plot -----------------------------------------------------------------------------
 
 def plot(runs: list[Run], edges: dict[str, float], path: pathlib.Path) -> str | None:
@@ -608,8 +497,8 @@ def main(argv=None) -> int:
     edges = {o: lr for o in lrs if (lr := edge_lr(rows, o)) is not None}
     probe = prepare(pretrained, new_head(0), "eval")
     idx = batch_order(len(task.y_train), 1, BATCH, 0)[0]
-    ratios = [step_ratios(probe, task.x_train[idx], task.y_train[idx], o,
-                          edges.get(o, lrs[o][0])) for o in lrs]
+    ratios = [step_ratios(probe, task.x_train[idx], task.y_train[idx], OPTIMIZERS[o][0],
+                          edges.get(o, lrs[o][0]), **OPTIMIZERS[o][1]) for o in lrs]
     agreement = {o: float64_agreement(pretrained, task, o, lr, steps=args.steps)
                  for o, lr in edges.items()}
     if args.format == "json":

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 import convbn_fx
 from bench.stability import (COLLAPSED, DIVERGED, ENDED_ABOVE, DigitsResNet, Run, Task,
-                             failure, finetune, main, new_head, prepare, step_ratios)
+                             failure, finetune, main, new_head, prepare)
+from bench.step_ratio import step_ratios
 
 EDGE_LR = 0.1   # the SGD learning rate where the benchmark's Deploy fails and Eval trains best
 CHANNELS = 16 * 5 + 32 * 3 + 64 * 3   # output channels of the 11 conv→BN blocks
@@ -112,7 +113,8 @@ def test_deploy_folds_bn_trains_everything_and_starts_at_eval_loss(pretrained, t
     assert abs(run.initial_loss - reference.initial_loss) <= 1e-9 * reference.initial_loss
 
 
-@pytest.mark.parametrize("optimizer, lr, exponent", [("sgd", EDGE_LR, 2), ("adamw", 1e-3, 1)],
+@pytest.mark.parametrize("optimizer, lr, exponent",
+                         [(torch.optim.SGD, EDGE_LR, 2), (torch.optim.AdamW, 1e-3, 1)],
                          ids=["sgd-1/s^2", "adamw-1/s"])
 def test_deploy_step_ratio_follows_the_bn_scale(pretrained, task, optimizer, lr, exponent):
     model = prepare(pretrained, _head(), "eval")
@@ -132,7 +134,8 @@ def test_whole_step_follows_1_over_s_squared_when_gamma_is_frozen(pretrained, ta
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.requires_grad_(False)
-    ratios = step_ratios(model, task.x_train[:32], task.y_train[:32], "sgd", EDGE_LR)
+    ratios = step_ratios(model, task.x_train[:32], task.y_train[:32], torch.optim.SGD, EDGE_LR,
+                         momentum=0.9)
     assert len(ratios.scale) > 0.9 * CHANNELS
     assert ratios.log_correlation() > 0.99
     assert 0.98 < ratios.median_ratio() < 1.02
