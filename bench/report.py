@@ -1,6 +1,6 @@
 """Writing bench results: each script owns one section of bench/RESULTS.md.
 
-Three scripts share one results file, so each replaces only the text between its own
+Several scripts share one results file, so each replaces only the text between its own
 markers and a rerun of one benchmark keeps the others' figures.
 """
 
@@ -15,9 +15,8 @@ from convbn_fx.tools.meters import machine
 __all__ = ["RESULTS", "progress", "header", "write_section"]
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
-_TITLE = "# convbn_fx benchmark results\n\nWritten by `python -m bench.modes`, " \
-         "`python -m bench.pass_cost` and `python -m bench.numerics`; each rewrites its own " \
-         "section.\n"
+_TITLE = "# convbn_fx benchmark results\n\nWritten by the scripts in bench/ (`python -m " \
+         "bench.NAME`); each rewrites its own section.\n"
 
 
 def progress(message: str) -> None:
