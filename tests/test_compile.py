@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import convbn_fx
 from convbn_fx.frontends.compile import TunePass, make_backend
-from convbn_fx.kernels.conv import conv_scaled
-from convbn_fx.kernels.linear import linear_bn_tune
+from convbn_fx.kernels.blocks import conv_bn_tune, linear_bn_tune
 from convbn_fx.graph.find import find_blocks
 from convbn_fx.graph.tune_graph import tune_graph
 from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
@@ -113,7 +112,7 @@ def test_functional_block_folds(case):
     assert infos[0].reason is None
     targets = _targets(gm)
     assert F.batch_norm not in targets and torch.batch_norm not in targets
-    assert targets.count(linear_bn_tune if case == "linear-bn1d" else conv_scaled) == 1
+    assert targets.count(linear_bn_tune if case == "linear-bn1d" else conv_bn_tune) == 1
     assert_close_to_float64(model, gm, (x,))
 
 
@@ -261,7 +260,7 @@ def test_backend_rewrites_blocks_and_matches_float64():
     compiled.compile(backend=make_backend(compiler=record))
     assert_close_to_float64(model, compiled, (_input(),))
     assert len(seen) == 1
-    assert seen[0].count(conv_scaled) == 3
+    assert seen[0].count(conv_bn_tune) == 3
     assert F.batch_norm not in seen[0]
 
 
@@ -283,7 +282,7 @@ def test_backend_skips_unsafe_blocks_in_dynamo_graph():
     # cancellation (its output sums to zero per channel), where the 2x bound is noise; the
     # folded blocks' gradients are checked in the other tests.
     assert_close_to_float64(model, compiled, (_input(),), grads=False)
-    assert seen[0].count(conv_scaled) == 3
+    assert seen[0].count(conv_bn_tune) == 3
     assert seen[0].count(F.batch_norm) == 2  # bn4 (conv output reused) and bn5 (training)
     # The training BN still updates its running statistics, as the plain model does.
     assert not torch.equal(compiled.bn5.running_mean, before)

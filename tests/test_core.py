@@ -76,7 +76,7 @@ def test_conv_bn_matrix(dims, bn_kind, bias, affine, keyword):
     infos = convbn_fx.describe(tuned)
     want_mode = Mode.TUNE if affine or bias else Mode.TUNE  # conv weight always trains
     assert [i.lowering for i in infos] == [want_mode, want_mode]
-    assert "conv_scaled" in tuned.code and "self.bn1(" not in tuned.code
+    assert "conv_bn_tune" in tuned.code and "self.bn1(" not in tuned.code
     _check_then_step(model, tuned, _input(dims))
 
 
@@ -304,7 +304,7 @@ def test_idempotent(traced):
 def test_inplace_rewrites_the_given_graph_module(traced):
     model, gm = traced
     out = convbn_fx.tune_mode(gm, inplace=True)
-    assert out is gm and "conv_scaled" in gm.code
+    assert out is gm and "conv_bn_tune" in gm.code
     assert_close_to_float64(model, gm, (_input(2),))
 
 
@@ -327,9 +327,12 @@ def test_deepcopy_and_state_dict_round_trip(traced, tmp_path):
 def test_readable_code(traced):
     _, gm = traced
     code = convbn_fx.tune_mode(gm).code
-    for expected in ("bn1_scale = bn1_weight * bn1_inv_std", "torch.rsqrt(",
-                     "conv_scaled(x, conv1_weight, bn1_scale, bn1_shift"):
+    # One call per folded block, naming the tensors it folds, no BN call left.
+    for expected in ("bn1_tune = convbn_fx_kernels_blocks_conv_bn_tune(x, conv1_weight, "
+                     "conv1_bias, bn1_running_mean, bn1_running_var, bn1_weight, bn1_bias, "
+                     "eps = 1e-05, stride = [1, 1]",):
         assert expected in code, code
+    assert "self.bn1(" not in code and "batch_norm" not in code
 
 
 def test_not_a_module():

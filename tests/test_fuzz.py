@@ -23,8 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode, ModeError
-from convbn_fx.kernels.conv import conv_scaled
-from convbn_fx.kernels.frozen import frozen_fold
+from convbn_fx.kernels.blocks import conv_bn_deploy, conv_bn_tune, linear_bn_deploy, linear_bn_tune
 from convbn_fx.tools.testing import compare_to_float64
 
 from fuzz_models import STATES, FuzzCase, apply_state, make_case
@@ -118,8 +117,9 @@ def check_describe(case: FuzzCase, model, tuned, mode, via_fx: bool) -> None:
     lowered = Counter(i.lowering for i in infos)
     modules = Counter(n.target for n in tuned.graph.nodes if n.op == "call_module")
     functions = Counter(n.target for n in tuned.graph.nodes if n.op == "call_function")
-    assert functions[conv_scaled] == lowered[Mode.TUNE], tuned.code
-    assert functions[frozen_fold] == lowered[Mode.DEPLOY], tuned.code
+    assert functions[conv_bn_tune] + functions[linear_bn_tune] == lowered[Mode.TUNE], tuned.code
+    assert functions[conv_bn_deploy] + functions[linear_bn_deploy] == lowered[Mode.DEPLOY], \
+        tuned.code
     assert functions[F.batch_norm] == lowered[Mode.EVAL], tuned.code
     for bn, calls in bn_calls.items():   # a folded or Eval-lowered block drops its BN call
         gone = sum(1 for i in infos if i.bn == bn and i.lowering in

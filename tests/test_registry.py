@@ -104,7 +104,7 @@ def test_register_replaces(restore, key):
     tuned = convbn_fx.tune_mode(model)
     assert_close_to_float64(model, tuned, [_x()])
     assert len(calls) >= 3 and len(calls) % 3 == 0
-    assert "conv_scaled" not in " ".join(_ops(tuned))
+    assert "conv_bn_tune" not in " ".join(_ops(tuned))
 
 
 def test_reregistered_lowering_reaches_a_rewritten_model(restore):
@@ -112,11 +112,11 @@ def test_reregistered_lowering_reaches_a_rewritten_model(restore):
     tuned = convbn_fx.tune_mode(model)
     x = _x()
     tuned(x)
-    assert any("conv_scaled" in op for op in _ops(tuned))
+    assert any("conv_bn_tune" in op for op in _ops(tuned))
     calls = []
     convbn_fx.register_lowering(Mode.TUNE)(_marked_eval(calls))
     assert_close_to_float64(model, tuned, [x])  # the next call relowers: registry version
-    assert calls and not any("conv_scaled" in op for op in _ops(tuned))
+    assert calls and not any("conv_bn_tune" in op for op in _ops(tuned))
     assert set(_lowerings(tuned).values()) == {Mode.TUNE}
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import convbn_fx
 from convbn_fx import Mode, tune_graph
-from convbn_fx.kernels.conv import conv_scaled
+from convbn_fx.kernels.blocks import conv_bn_tune
 from convbn_fx.model.tracer import trace
 from convbn_fx.tools.testing import assert_close_to_float64, finetune_state, randomize_bn
 
@@ -36,7 +36,7 @@ def test_module_graph_copy_leaves_the_input_alone():
     result = tune_graph(gm.graph, "auto", gm, inplace=False)
     assert _targets(gm.graph) == before
     assert result.lowerings == [Mode.TUNE, Mode.TUNE] and result.modified
-    assert _targets(result.graph).count(conv_scaled) == 2
+    assert _targets(result.graph).count(conv_bn_tune) == 2
     assert [(i.conv, i.bn, i.lowering) for i in result.infos("net")] == [
         ("net.0", "net.1", Mode.TUNE), ("net.3", "net.4", Mode.TUNE)]
 
@@ -46,7 +46,7 @@ def test_in_place_on_a_graph_module_recompiles_and_is_exact():
     gm = trace(model)
     result = tune_graph(gm, "auto", gm)
     assert result.graph is gm.graph and result.modified
-    assert "conv_scaled" in gm.code
+    assert "conv_bn_tune" in gm.code
     assert_close_to_float64(model, gm, [torch.randn(2, 3, 12, 12)])
 
 

@@ -22,7 +22,7 @@ from ..vocabulary.blocks import ConvConfig, Source, same_padding
 from ..vocabulary.kinds import bn_base, conv_base, frozen_norm, is_frozen_bn, is_linear
 from .normalize import conv_config, match_conv, match_norm, module_input, module_path, op_name
 
-__all__ = ["End", "conv_end", "norm_end"]
+__all__ = ["End", "conv_end", "norm_end", "as_source"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class End:
     epilogue: tuple[str, ...] = ()
 
 
-def _attr(value: Any) -> Source:
+def as_source(value: Any) -> Source:
     """A functional call's tensor argument as a Source: the qualified name it was read from."""
     if isinstance(value, torch.fx.Node) and value.op == "get_attr":
         return value.target
@@ -105,14 +105,14 @@ def conv_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> End | None:
     if call is None:
         return None
     if modules:
-        weight = _attr(call.weight)
+        weight = as_source(call.weight)
         # The conv's module: the owner of its weight, or (a computed weight, as weight
         # standardisation makes) the module whose forward made the call.
         name = _owner(weight) or (module_path(node) or (None,))[0]
         module = modules.get(name)
         end = End(name or node.name, type(module).__name__ if module is not None else
                   name or node.name, module, node, node, call.input,
-                  {"weight": weight, "bias": _attr(call.bias)})
+                  {"weight": weight, "bias": as_source(call.bias)})
     else:
         name, kind = _named(node, node.name)
         end = End(name, kind, None, node, node, call.input,
@@ -173,14 +173,14 @@ def norm_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> End | None:
         return end
     if call.call is not node:  # module graphs hold no tuple-returning BN ops
         return None
-    mean, var = _attr(call.running_mean), _attr(call.running_var)
+    mean, var = as_source(call.running_mean), as_source(call.running_var)
     name = _owner(mean)
     if name is None or name != _owner(var) or name not in modules:
         return None  # statistics not read from a module: nothing whose state we could follow
     module = modules[name]
     end = End(name, type(module).__name__, module, node, node, call.input, {
         "running_mean": mean, "running_var": var,
-        "bn_weight": _attr(call.weight), "bn_bias": _attr(call.bias)})
+        "bn_weight": as_source(call.weight), "bn_bias": as_source(call.bias)})
     if getattr(module, "num_batches_tracked", None) is not None:
         end.tensors["num_batches_tracked"] = f"{name}.num_batches_tracked"
     _constant_reasons(end, call.training, call.eps)

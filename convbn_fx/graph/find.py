@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch.fx
 import torch.nn as nn
 
+from ..kernels.checks import INPUT_CHECKS, check_input
 from ..vocabulary.blocks import Block
-from ..vocabulary.kinds import bn_base
-from .ends import conv_end, norm_end
+from ..vocabulary.kinds import bn_base, is_frozen_bn
+from .ends import End, as_source, conv_end, norm_end
 from .guards import skip_reason
 
 __all__ = ["find_blocks"]
@@ -53,5 +54,19 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Bl
                 block.bn_ranks = (2, 3) if norm.node.op == "call_module" \
                     and bn_base(norm.module) is nn.BatchNorm1d else None
             block.tensors = {**conv.tensors, **norm.tensors}
+            block.checks, block.check_nodes = _input_checks(conv, norm)
         blocks.append(block)
     return blocks
+
+
+def _input_checks(conv: End, norm: End) -> tuple[tuple, tuple]:
+    """The norm's input checks, which the lowered block must still run: a stock BN module's
+    own, or the traced calls of a traced-through BN's (`check_input` on the conv output)."""
+    if norm.node.op == "call_module":
+        if is_frozen_bn(norm.module):
+            return (), ()
+        return tuple((norm.name, name) for name in INPUT_CHECKS
+                     if hasattr(norm.module, name)), ()
+    traced = tuple(u for u in conv.node.users
+                   if u.op == "call_function" and u.target is check_input)
+    return tuple((as_source(u.args[0]), u.args[1]) for u in traced), traced

@@ -37,14 +37,15 @@ def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Nod
     return new, node_map
 
 
-def _move_metadata_uses(conv: torch.fx.Node, out: torch.fx.Node) -> None:
+def _move_metadata_uses(conv: torch.fx.Node, uses: list[torch.fx.Node],
+                        out: torch.fx.Node) -> None:
     """Let input checks of the conv output (`x.ndim == 4`) read the folded output instead.
 
     The folded output has the same shape and type; the checks, and whatever they feed, move
     after it so the graph stays in order and the unfolded conv is not computed for them.
     """
     anchor = out
-    for user in [u for u in conv.users if is_metadata_use(u, conv)]:
+    for user in uses:
         user.replace_input_with(conv, out)
         pending = [user]
         while pending:  # the check and everything downstream of it, in graph order
@@ -90,18 +91,22 @@ def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
         template_bn = block.bn_node
         block = block.remap(node_map)
         lowering = table[mode] if table and mode in table else get_lowering(mode)
+        uses = [u for u in block.conv_node.users  # read only the conv output's shape
+                if is_metadata_use(u, block.conv_node) and u not in block.check_nodes]
         with graph.inserting_before(block.bn_node):
             out = lowering(graph, block)
             if out is block.bn_node:
                 continue
             out.meta = {**block.bn_node.meta, **out.meta}
-            for name in block.epilogue:  # what a frozen norm applies after normalising
-                out = graph.call_module(name, (out,))
         changed += 1
         block.bn_node.replace_all_uses_with(out)
         node_map[template_bn] = out  # a later block fed by this one (conv→BN→conv) reads `out`
-        _move_metadata_uses(block.conv_node, out)
         inputs = block.bn_node.all_input_nodes + block.conv_node.all_input_nodes
+        for check in block.check_nodes:  # the lowering runs the norm's checks itself
+            inputs += check.all_input_nodes
+            graph.erase_node(check)
+        if all(u in uses for u in block.conv_node.users):  # the conv itself is gone
+            _move_metadata_uses(block.conv_node, uses, out)
         source = block.bn_node.args[0] if block.bn_node.args else None
         graph.erase_node(block.bn_node)
         if isinstance(source, torch.fx.Node) and source is not block.conv_node \

@@ -1,10 +1,8 @@
 """The arithmetic of folding BN into a convolution, written once for every caller.
 
 Tune mode (You et al., arXiv 2305.11624, eq. 4) runs `conv(x, W·s, b')` with
-`s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)`. The same `scale_and_shift` computes those
-values on tensors (Deploy's cached fold, `deploy_mode`'s float64 fold) and on torch.fx
-Proxies: the Tune lowering records it into the graph (passes/emit.py), so the rewritten code
-and the eager fold cannot drift apart.
+`s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)`. Tune's per-call fold, Deploy's cached fold and
+`deploy_mode`'s float64 fold all compute it here, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,10 +13,7 @@ __all__ = ["scale_and_shift", "scale_weight", "channel_sum", "fold"]
 
 
 def scale_and_shift(bias, mean, var, gamma, beta, eps):
-    """`s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)`, with absent b, γ, β left out.
-
-    Works on tensors and on torch.fx Proxies alike (only operators and `torch.rsqrt`).
-    """
+    """`s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)`, with absent b, γ, β left out."""
     inv_std = torch.rsqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     shift = scale * (-mean if bias is None else bias - mean)

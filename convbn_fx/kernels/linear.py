@@ -1,26 +1,20 @@
-"""Linear→BatchNorm1d folded: `linear_scaled`, and the per-call rank check that makes it right.
+"""`linear_scaled`: a Linear by `W·s` that keeps x, W and s for backward, never `W·s`.
 
-The fold is `linear(x, W·s, b')`, with `W·s` recomputed in backward as for convs (conv.py).
-It is right only when BN normalises the Linear's output features, i.e. for a rank-2 input.
-On a rank-3 input `(N, L, in)` BatchNorm1d normalises dim 1 (L), not the features, so
-folding would be wrong; a symbolic graph has no shapes, so `linear_bn_tune` and
-`linear_bn_deploy` decide per call and otherwise run the block unfolded, exactly as the
-modules would.
+The Linear→BatchNorm1d fold is `linear(x, W·s, b')`, with `W·s` recomputed in backward as
+for convs (conv.py); it is right only for a rank-2 input, which blocks.py checks per call.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .conv import needs_grad, use_custom_op
-from .fold import scale_and_shift, scale_weight
-from .frozen import frozen_fold
+from .fold import scale_weight
 
-__all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op", "linear_bn_tune",
-           "linear_bn_deploy"]
+__all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op"]
 
 
 class LinearScaledWeight(torch.autograd.Function):
@@ -74,37 +68,3 @@ def linear_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if use_custom_op(x):
         return torch.ops.convbn_fx.linear_scaled.default(x, weight, scale, bias)
     return LinearScaledWeight.apply(x, weight, scale, bias)
-
-
-def _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks):
-    # What Linear then BatchNorm1d (eval, running statistics) compute, check included.
-    y = F.linear(x, weight, bias)
-    if bn_ranks is not None and y.dim() not in bn_ranks:
-        raise ValueError(f"expected 2D or 3D input (got {y.dim()}D input)")
-    return F.batch_norm(y, mean, var, gamma, beta, False, 0.0, eps)
-
-
-def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
-                   beta: torch.Tensor | None, eps: float,
-                   bn_ranks: Sequence[int] | None = (2, 3)) -> torch.Tensor:
-    """Tune for Linear→BN: `linear(x, W·s, b')` on rank-2 input, else the unfolded block.
-
-    `bn_ranks`: the output ranks the BN module accepts (BatchNorm1d: 2 and 3; None: any).
-    """
-    if x.dim() != 2:
-        return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
-    return linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
-
-
-def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
-                     beta: torch.Tensor | None, eps: float,
-                     bn_ranks: Sequence[int] | None = (2, 3),
-                     watch: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
-    """Deploy for Linear→BN: the cached `frozen_fold` on rank-2 input, else the unfolded block."""
-    if x.dim() != 2:
-        return _linear_bn_unfolded(x, weight, bias, mean, var, gamma, beta, eps, bn_ranks)
-    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
-                                     cache=cache)
-    return F.linear(x, folded_w, folded_b)

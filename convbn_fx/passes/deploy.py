@@ -6,15 +6,12 @@ until an input tensor changes (an optimizer step, `load_state_dict`, `copy_`), s
 stale. Training through constant folded weights is what the paper shows to be unstable.
 """
 
-import operator
-
 import torch.fx
 
-from ..kernels.frozen import frozen_fold
-from ..kernels.linear import linear_bn_deploy
+from ..kernels.blocks import conv_bn_deploy, linear_bn_deploy
 from ..vocabulary.blocks import Block
 from ..vocabulary.modes import Mode
-from .emit import call, conv_input, emit_conv, linear_bn_call, source, stem, tensors
+from .emit import block_call, source
 from .registry import register_lowering
 
 __all__ = ["lower_deploy"]
@@ -22,19 +19,11 @@ __all__ = ["lower_deploy"]
 
 @register_lowering(Mode.DEPLOY)
 def lower_deploy(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
+    extra = {}
     watch = source(graph, block.tensors.get("num_batches_tracked"))
-    extra = {} if watch is None else {"watch": watch}
+    if watch is not None:
+        extra["watch"] = watch
     if any(isinstance(src, torch.fx.Node) for src in block.tensors.values()):
         extra["cache"] = False  # computed per call (e.g. a standardised weight): fold per call
-    if block.op == "linear":  # folds per call, only for rank-2 input (see kernels/linear.py)
-        return linear_bn_call(graph, block, linear_bn_deploy, "deploy", **extra)
-    name, cfg = stem(block), block.config
-    t = tensors(graph, block)
-    folded = call(graph, frozen_fold,
-                  (t["weight"], t["bias"], t["running_mean"], t["running_var"], t["bn_weight"],
-                   t["bn_bias"]),
-                  {"eps": block.eps, "transposed": cfg.transposed, "groups": cfg.groups, **extra},
-                  name=f"{name}_folded")
-    weight = call(graph, operator.getitem, (folded, 0), name=f"{name}_folded_weight")
-    bias = call(graph, operator.getitem, (folded, 1), name=f"{name}_folded_bias")
-    return emit_conv(graph, block, conv_input(graph, block), weight, bias, f"{name}_deploy")
+    kernel = linear_bn_deploy if block.op == "linear" else conv_bn_deploy
+    return block_call(graph, block, kernel, "deploy", **extra)

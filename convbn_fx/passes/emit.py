@@ -1,26 +1,20 @@
-"""Graph-building steps the lowerings share: reading a block's tensors and padding its input.
+"""Graph-building steps the lowerings share: a block's tensors, modules, checks and epilogue.
 
-Node names are derived from the BN's name (`layer1_0_bn1_scale`), so the rewritten
-`GraphModule.code` reads like hand-written torch code. The fold arithmetic is not written
-here a second time: `kernels.fold.scale_and_shift` is run on torch.fx Proxies, which records
-its ops into the graph.
+Node names are derived from the BN's name (`layer1_0_bn1_tune`), so the rewritten
+`GraphModule.code` reads like hand-written torch code: one call per folded block, naming
+the tensors it folds.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 import torch.fx
-import torch.nn.functional as F
 
-from ..kernels.conv import conv_function
-from ..kernels.fold import scale_and_shift
+from ..kernels.checks import check_input
 from ..vocabulary.blocks import TENSORS, Block
 
-__all__ = ["call", "tensors", "source", "conv_input", "scale_and_bias", "conv_args",
-           "emit_conv", "linear_bn_call", "stem"]
+__all__ = ["call", "tensors", "source", "stem", "block_call", "emit_checks", "apply_epilogue"]
 
 
 def stem(block: Block) -> str:
@@ -43,78 +37,62 @@ def tensors(graph: torch.fx.Graph, block: Block) -> dict[str, torch.fx.Node | No
     return {key: source(graph, block.tensors.get(key)) for key in TENSORS}
 
 
-def conv_input(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
-    """The conv input, explicitly padded first for padding modes and uneven 'same' padding."""
+# Conv configuration keywords the kernels default to: left out of the code where they hold.
+_CONV_DEFAULTS = {"dilation": [1], "transposed": False, "output_padding": [0], "groups": 1}
+
+
+def _conv_kwargs(block: Block) -> dict:
     cfg = block.config
-    if cfg.pre_pad is None:
-        return block.input
-    return call(graph, F.pad, (block.input, list(cfg.pre_pad)), {"mode": cfg.pad_mode},
-                name=f"{stem(block)}_padded")
+    kwargs = {"stride": list(cfg.stride), "padding": list(cfg.padding),
+              "dilation": list(cfg.dilation), "transposed": cfg.transposed,
+              "output_padding": list(cfg.output_padding), "groups": cfg.groups}
+    for key, default in _CONV_DEFAULTS.items():
+        value = kwargs[key]
+        if value == default or (isinstance(value, list) and set(value) == set(default)):
+            del kwargs[key]
+    if cfg.pre_pad is not None:
+        kwargs.update(pre_pad=list(cfg.pre_pad), pad_mode=cfg.pad_mode)
+    return kwargs
 
 
-# Names of the fold's intermediate values in the generated code (others keep the op's name).
-_LABELS = {torch.rsqrt: "inv_std", operator.neg: "centred", operator.sub: "centred"}
+def block_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
+               **extra) -> torch.fx.Node:
+    """One call of a whole-block kernel (kernels/blocks.py) with everything it needs.
 
-
-class _Recorder(torch.fx.proxy.GraphAppendingTracer):
-    """Appends what Proxies compute to a graph, naming each node after the block's BN."""
-
-    def __init__(self, graph: torch.fx.Graph, prefix: str):
-        super().__init__(graph)
-        self.prefix = prefix
-
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        label = _LABELS.get(target, getattr(target, "__name__", "op"))
-        return super().create_node(kind, target, args, kwargs, f"{self.prefix}_{label}",
-                                   type_expr)
-
-
-def scale_and_bias(graph: torch.fx.Graph, block: Block, t: dict[str, Any]):
-    """Record `s = γ·rsqrt(var+ε)` and `b' = β + s·(b − μ)` (You et al. 2023, eq. 4).
-
-    Returns the two nodes; they are named `<bn>_scale` and `<bn>_shift`.
+    The kernel folds per call where folding is what the block computes and otherwise runs
+    the block as its modules would, so it gets the block's tensors, its conv configuration,
+    the norm's input checks, the modules the graph called whole and the epilogue.
     """
-    recorder = _Recorder(graph, stem(block))
-    p = {k: None if v is None else torch.fx.Proxy(v, recorder) for k, v in t.items()}
-    scale, shift = scale_and_shift(p["bias"], p["running_mean"], p["running_var"],
-                                   p["bn_weight"], p["bn_bias"], block.eps)
-    for proxy, what in ((scale, "scale"), (shift, "shift")):
-        proxy.node._rename(f"{stem(block)}_{what}")
-    return scale.node, shift.node
+    got: dict[str, torch.fx.Node] = {}
 
+    def module(target: str) -> torch.fx.Node:  # one get_attr per module, however often used
+        if target not in got:
+            got[target] = graph.get_attr(target)
+        return got[target]
 
-def conv_args(block: Block) -> dict[str, Any]:
-    """The block's conv configuration as keyword arguments of `conv_scaled`."""
-    cfg = block.config
-    return {"stride": list(cfg.stride), "padding": list(cfg.padding),
-            "dilation": list(cfg.dilation), "transposed": cfg.transposed,
-            "output_padding": list(cfg.output_padding), "groups": cfg.groups}
-
-
-def emit_conv(graph: torch.fx.Graph, block: Block, x, weight, bias,
-              name: str) -> torch.fx.Node:
-    """`F.conv2d(x, weight, bias, ...)` (or the block's rank and direction) with its config."""
-    cfg = block.config
-    fn = conv_function(len(cfg.stride), cfg.transposed)
-    if cfg.transposed:
-        args = (x, weight, bias, list(cfg.stride), list(cfg.padding), list(cfg.output_padding),
-                cfg.groups, list(cfg.dilation))
-    else:
-        args = (x, weight, bias, list(cfg.stride), list(cfg.padding), list(cfg.dilation),
-                cfg.groups)
-    return call(graph, fn, args, name=name)
-
-
-def linear_bn_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
-                   **extra) -> torch.fx.Node:
-    """One call of `fn` (kernels.linear.linear_bn_tune / _deploy) for a Linear→BN block.
-
-    The fold is decided inside `fn`, per call, from the input's rank (see kernels/linear.py),
-    so the block's tensors are passed as they are rather than as graph-level scale and shift.
-    """
     t = tensors(graph, block)
-    return call(graph, fn,
-                (block.input, t["weight"], t["bias"], t["running_mean"], t["running_var"],
-                 t["bn_weight"], t["bn_bias"]),
-                {"eps": block.eps, "bn_ranks": block.bn_ranks, **extra},
-                name=f"{stem(block)}_{suffix}")
+    kwargs = {"eps": block.eps, **(_conv_kwargs(block) if block.op == "conv" else {})}
+    if block.checks:
+        kwargs["checks"] = [(module(m) if isinstance(m, str) else m, name)
+                            for m, name in block.checks]
+    for key, node in (("conv", block.conv_node), ("norm", block.bn_node)):
+        if node.op == "call_module":  # called whole: the unfolded block calls it again
+            kwargs[key] = module(node.target)
+    if block.epilogue:
+        kwargs["epilogue"] = [module(name) for name in block.epilogue]
+    args = (block.input, t["weight"], t["bias"], t["running_mean"], t["running_var"],
+            t["bn_weight"], t["bn_bias"])
+    return call(graph, fn, args, {**kwargs, **extra}, name=f"{stem(block)}_{suffix}")
+
+
+def emit_checks(graph: torch.fx.Graph, block: Block, value: torch.fx.Node) -> None:
+    """The norm's input checks on `value`, for lowerings that run the norm unfolded."""
+    for module, name in block.checks:
+        call(graph, check_input, (source(graph, module), name, value))
+
+
+def apply_epilogue(graph: torch.fx.Graph, block: Block, out: torch.fx.Node) -> torch.fx.Node:
+    """What a frozen norm applies after normalising (timm: drop, act), as module calls."""
+    for name in block.epilogue:
+        out = graph.call_module(name, (out,))
+    return out

@@ -2,8 +2,11 @@
 
 A lowering is `fn(graph, block) -> Node`: called with the graph's insertion point just before
 the block's BN node, it adds whatever nodes compute the block and returns the one whose value
-replaces the BN's output (returning `block.bn_node` leaves the block as it is). Lowerings read
-only the `Block` record, so one lowering serves module, functional and aten graphs alike.
+replaces the BN's output (returning `block.bn_node` leaves the block as it is). It computes
+the whole block: the norm's input checks (`block.checks`, whose traced calls are removed) and
+a frozen norm's epilogue (`block.epilogue`) included; `emit.py` has helpers for both.
+Lowerings read only the `Block` record, so one lowering serves module, functional and aten
+graphs alike.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ class Block:
     tensors: dict[str, Source] = field(default_factory=dict)   # keys: TENSORS
     eps: float = 1e-5
     epilogue: tuple[str, ...] = ()  # modules applied after the norm (timm's drop, act)
+    checks: tuple[tuple[Source, str], ...] = ()  # the norm's input checks: (module, method)
+    check_nodes: tuple[torch.fx.Node, ...] = ()  # traced checks the lowering takes over
     training: bool | None = None    # the BN call's own flag (functional calls); None: a module's
     reason: str | None = None       # why it is not folded; None when foldable
 
@@ -85,7 +87,9 @@ class Block:
 
         return dataclasses.replace(
             self, conv_node=node_map[self.conv_node], bn_node=node_map[self.bn_node],
-            input=move(self.input), tensors={k: move(v) for k, v in self.tensors.items()})
+            input=move(self.input), tensors={k: move(v) for k, v in self.tensors.items()},
+            checks=tuple((move(m), name) for m, name in self.checks),
+            check_nodes=tuple(node_map[n] for n in self.check_nodes))
 
 
 @dataclass(frozen=True)

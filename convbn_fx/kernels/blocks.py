@@ -1,0 +1,155 @@
+"""A whole folded block per call: the fold where it is what the block computes, else the block.
+
+A fold replaces `norm(conv(x))` by one conv only where BN normalises the conv's output
+channels, which holds for a batched input (rank = spatial dims + 2; for a Linear, rank 2).
+On any other input the original does something else: BatchNorm2d rejects an unbatched
+conv output, BatchNorm1d normalises a Conv1d's (C, L) output along L, a frozen norm
+broadcasts it to (1, C, H, W), a BatchNorm1d after a Linear on (N, L, F) normalises L. A
+symbolic graph has no shapes, so these functions decide per call: the folded block on a
+batched input, and otherwise the block exactly as the modules compute it (the same calls,
+the same input checks, the same exceptions). The norm's input checks run in both paths, so
+what the original rejects the rewrite rejects.
+
+`conv` and `norm` are the block's modules when the graph called them whole (their call is
+the reference), else None (a traced-through subclass: its functional calls are).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import conv_scaled, convolution
+from .fold import scale_and_shift
+from .frozen import frozen_fold
+from .linear import linear_scaled
+
+__all__ = ["conv_bn_tune", "conv_bn_deploy", "linear_bn_tune", "linear_bn_deploy"]
+
+Checks = Sequence[tuple[nn.Module, str]]
+
+
+def _run_checks(checks: Checks, value: torch.Tensor) -> None:
+    for module, name in checks:
+        getattr(module, name)(value)
+
+
+def _padded(x, pre_pad, pad_mode):
+    return x if pre_pad is None else F.pad(x, list(pre_pad), mode=pad_mode)
+
+
+def _then(out, checks: Checks, epilogue: Sequence[nn.Module]):
+    _run_checks(checks, out)
+    for module in epilogue:  # what a frozen norm applies after normalising (timm: drop, act)
+        out = module(out)
+    return out
+
+
+def _unfolded(z, mean, var, gamma, beta, eps, checks: Checks, norm: nn.Module | None,
+              epilogue: Sequence[nn.Module]):
+    """The block's norm as the original runs it: the module call (its checks and epilogue
+    included), or its checks, functional call and epilogue."""
+    if norm is not None:
+        return norm(z)
+    _run_checks(checks, z)
+    return _then(F.batch_norm(z, mean, var, gamma, beta, False, 0.0, eps), (), epilogue)
+
+
+def _conv(x, weight, bias, cfg: dict, conv: nn.Module | None):
+    if conv is not None:
+        return conv(x)
+    return convolution(_padded(x, cfg["pre_pad"], cfg["pad_mode"]), weight, bias,
+                       cfg["stride"], cfg["padding"], cfg["dilation"], cfg["transposed"],
+                       cfg["output_padding"], cfg["groups"])
+
+
+def _batched(x: torch.Tensor, spatial: int) -> bool:
+    return x.dim() == spatial + 2
+
+
+def _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+            pad_mode) -> dict:
+    """The conv's configuration, per-dimension defaults (`(1,)`) widened to its rank."""
+    dims = len(stride)
+
+    def wide(v):
+        return list(v) * dims if len(v) == 1 and dims > 1 else list(v)
+
+    return dict(stride=list(stride), padding=list(padding), dilation=wide(dilation),
+                transposed=transposed, output_padding=wide(output_padding), groups=groups,
+                pre_pad=pre_pad, pad_mode=pad_mode)
+
+
+def conv_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                 beta: torch.Tensor | None, eps: float, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int] = (1,),
+                 transposed: bool = False, output_padding: Sequence[int] = (0,),
+                 groups: int = 1, pre_pad=None,
+                 pad_mode: str = "constant", checks: Checks = (), conv=None, norm=None,
+                 epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
+    """Tune (You et al., arXiv 2305.11624, eq. 4): `conv(x, W·s, b')`, folded on every call.
+
+    `s = γ·rsqrt(var+ε)`, `b' = β + s·(b − μ)`; gradients reach W, b, γ, β as in Eval, and
+    `conv_scaled` keeps x, W and s for backward, not the conv output (see kernels/conv.py).
+    """
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
+    if not _batched(x, len(stride)):
+        z = _conv(x, weight, bias, cfg, conv)
+        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    scale, shift = scale_and_shift(bias, mean, var, gamma, beta, eps)
+    out = conv_scaled(_padded(x, pre_pad, pad_mode), weight, scale, shift, cfg["stride"],
+                      cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
+    return _then(out, checks, epilogue)
+
+
+def conv_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                   beta: torch.Tensor | None, eps: float, stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int] = (1,),
+                   transposed: bool = False, output_padding: Sequence[int] = (0,),
+                   groups: int = 1, pre_pad=None,
+                   pad_mode: str = "constant", checks: Checks = (), conv=None, norm=None,
+                   epilogue: Sequence[nn.Module] = (), watch: torch.Tensor | None = None,
+                   cache: bool = True) -> torch.Tensor:
+    """Deploy: one conv with the constant fold `frozen_fold` caches (kernels/frozen.py)."""
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
+    if not _batched(x, len(stride)):
+        z = _conv(x, weight, bias, cfg, conv)
+        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, transposed,
+                                     groups, watch=watch, cache=cache)
+    out = convolution(_padded(x, pre_pad, pad_mode), folded_w, folded_b, cfg["stride"],
+                      cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
+    return _then(out, checks, epilogue)
+
+
+def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                   beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
+                   norm=None, epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
+    """Tune for Linear→BatchNorm1d: `linear(x, W·s, b')` on a rank-2 input."""
+    if x.dim() != 2:
+        z = conv(x) if conv is not None else F.linear(x, weight, bias)
+        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    out = linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
+    return _then(out, checks, epilogue)
+
+
+def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
+                     beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
+                     norm=None, epilogue: Sequence[nn.Module] = (),
+                     watch: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
+    """Deploy for Linear→BatchNorm1d: the cached `frozen_fold` on a rank-2 input."""
+    if x.dim() != 2:
+        z = conv(x) if conv is not None else F.linear(x, weight, bias)
+        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
+                                     cache=cache)
+    return _then(F.linear(x, folded_w, folded_b), checks, epilogue)
