@@ -32,7 +32,8 @@ def check_module(model, fn: str) -> None:
                           "pass the model itself (or torch.fx.symbolic_trace(model)).")
 
 
-def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False) -> nn.Module:
+def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False,
+              verify: bool = True) -> nn.Module:
     """Rewrite every conv→BN block of `model` for efficient fine-tuning (Tune mode).
 
     Args:
@@ -42,13 +43,17 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
         inplace: rewrite the given GraphModule's graph, or the submodules of a model that
             only traces in parts, instead of returning a new module. Parameters and buffers
             are shared with the input either way.
+        verify: on the first call of each new input signature, check that each traced graph
+            computes what its module's forward computes (one extra no-grad forward of each,
+            once); a module whose trace does not runs its own forward, its submodules
+            rewritten on their own. False trusts the traces (for models known to trace).
     Returns:
         A `TunedGraphModule` when the whole model traces, else the model (or, unless
         `inplace`, a shallow copy of it) with its traceable parts rewritten; parts keep their
         class. A model without BN that does not trace comes back as it is.
     """
     check_module(model, "tune_mode")
-    walk = Rewriter(normalize_mode(mode), inplace)
+    walk = Rewriter(normalize_mode(mode), inplace, verify)
     try:
         tuned = walk.whole(model)
     except Untraceable as exc:
@@ -95,4 +100,9 @@ def describe(module: nn.Module) -> list[BlockInfo]:
             return []
         tuned = tune_mode(module)
         return describe(tuned) if tuned is not module else []
-    return [info for name, gm in graphs for info in gm.block_infos(name)]
+    infos = [(info, bool(gm.convbn_tuning.failed) and not gm.convbn_tuning.trusted)
+             for name, gm in graphs for info in gm.block_infos(name)]
+    # A module whose trace did not verify lists its blocks, and the parts its children were
+    # rewritten into list them again: the part, which is what runs, says what it runs.
+    live = {(i.conv, i.bn) for i, unused in infos if not unused}
+    return [i for i, unused in infos if not (unused and (i.conv, i.bn) in live)]

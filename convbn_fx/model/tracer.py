@@ -23,6 +23,7 @@ single calls. The caller rewrites the kept modules on their own (see parts.py an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ import torch.utils.checkpoint
 
 from ..kernels.checks import INPUT_CHECKS, check_input
 from ..vocabulary.kinds import BN_TYPES, keeps_whole, leaf_functions
+from .leaves import failing_helper, flag_defaults
 
 __all__ = ["ConvBNTracer", "Trace", "trace_graph", "trace"]
 
@@ -73,13 +75,29 @@ def _deferred_check(name: str, original):
     return check
 
 
+_jit_isinstance = torch.jit.isinstance
+
+
+def _traced_jit_isinstance(obj, target_type) -> bool:
+    """`torch.jit.isinstance` while tracing: a traced value passes for the tensor it stands
+    for (a Proxy is not a Tensor, so the test would take the other branch and drop a skip
+    connection without a word). A non-tensor value that passes is caught when the trace is
+    checked against the forward (verify.py)."""
+    if isinstance(obj, torch.fx.Proxy) and target_type is torch.Tensor:
+        return True
+    return _jit_isinstance(obj, target_type)
+
+
 @contextlib.contextmanager
 def _patched_for_tracing():
-    """For one trace: checkpoint calls and BN input checks recorded as graph calls."""
-    saved = [(torch.utils.checkpoint, "checkpoint", _checkpoint)]
+    """For one trace: checkpoint calls and BN input checks recorded as graph calls, traced
+    values tested by `torch.jit.isinstance` as tensors."""
+    saved = [(torch.utils.checkpoint, "checkpoint", _checkpoint),
+             (torch.jit, "isinstance", _jit_isinstance)]
     # `torch.utils.checkpoint.checkpoint(...)` / `cp.checkpoint(...)` look the attribute up;
     # a name imported with `from ... import checkpoint` is autowrapped (see the tracer).
     torch.utils.checkpoint.checkpoint = _traced_checkpoint
+    torch.jit.isinstance = _traced_jit_isinstance
     for cls in (nn.modules.batchnorm._NormBase,) + BN_TYPES:
         for name in INPUT_CHECKS:
             if name in vars(cls):
@@ -102,13 +120,14 @@ class ConvBNTracer(torch.fx.Tracer):
     Args:
         untraceable: qualified names of submodules kept as calls because they did not trace.
         keep: what else to keep as one call (e.g. modules rewritten before).
+        leaves: functions kept as one call besides the declared ones (leaves.py).
     After a failed `trace`, `failed_in` names the innermost submodule whose forward raised
     ("" when the root's own code did).
     """
 
     def __init__(self, untraceable: frozenset[str] = frozenset(),
-                 keep: Callable[[nn.Module], bool] = _never):
-        super().__init__(autowrap_functions=tuple(leaf_functions()) + (_checkpoint,))
+                 keep: Callable[[nn.Module], bool] = _never, leaves: tuple = ()):
+        super().__init__(autowrap_functions=tuple(leaf_functions()) + leaves + (_checkpoint,))
         self.untraceable, self.keep = untraceable, keep
         self.failed_in: str | None = None
 
@@ -116,6 +135,16 @@ class ConvBNTracer(torch.fx.Tracer):
         if module_qualified_name in self.untraceable or keeps_whole(m) or self.keep(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_arg(self, a):
+        # torch.fx turns a dict subclass into a plain dict and rejects other dataclasses: a
+        # dataclass result (HF's ModelOutput) is rebuilt as itself, so the rewritten model
+        # returns the type its forward returns (`out.logits` keeps working).
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            fields = {f.name: self.create_arg(getattr(a, f.name))
+                      for f in dataclasses.fields(a) if f.init}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -150,19 +179,27 @@ class Trace:
 
 def trace_graph(model: nn.Module, untraceable: frozenset[str] = frozenset(),
                 keep: Callable[[nn.Module], bool] = _never) -> Trace:
-    """Symbolically trace `model`, keeping each submodule that fails to trace as a call.
+    """Symbolically trace `model`, retrying what a failure points at (leaves.py): the helper
+    function it stopped in becomes a leaf, the forward's flag arguments become guarded
+    constants, and else the submodule whose forward failed is kept as a call.
 
     Raises whatever torch.fx raised when the root's own forward cannot be traced.
     """
-    untraceable = frozenset(untraceable)
+    untraceable, leaves, concrete = frozenset(untraceable), (), None
     while True:
-        tracer = ConvBNTracer(untraceable, keep)
+        tracer = ConvBNTracer(untraceable, keep, leaves)
         try:
-            return Trace(tracer.trace(model), untraceable)
-        except Exception:
-            if not tracer.failed_in or tracer.failed_in in untraceable:
+            return Trace(tracer.trace(model, concrete), untraceable)
+        except Exception as exc:
+            helper = failing_helper(exc)
+            if helper is not None and helper not in leaves:
+                leaves += (helper,)
+            elif concrete is None and flag_defaults(model):
+                concrete = flag_defaults(model)
+            elif tracer.failed_in and tracer.failed_in not in untraceable:
+                untraceable = untraceable | {tracer.failed_in}
+            else:
                 raise
-            untraceable = untraceable | {tracer.failed_in}
 
 
 def trace(model: nn.Module, keep: Callable[[nn.Module], bool] = _never) -> torch.fx.GraphModule:

@@ -14,7 +14,7 @@ import copy
 import functools
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,6 +25,7 @@ from ..graph.lower import copy_graph
 from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
+from .verify import agree, signature
 from .watch import StateKey, Watch
 
 __all__ = ["TunedGraphModule", "Tuning", "Retrace"]
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # Traces `view` again over its current children, rewriting what the new trace keeps as
 # calls: (view, untraceable, mode rule, prefix) -> the new template graph.
 Retrace = Callable[[nn.Module, frozenset, ModeArg, str], torch.fx.Graph]
+# Rewrites the children of `view` (sharing the graph module's children) on their own, for a
+# module whose trace does not compute its forward: (view, mode rule, prefix) -> None.
+Split = Callable[[nn.Module, ModeArg, str], None]
 
 # Shown by Dynamo when torch.compile(model, fullgraph=True) meets a state change.
 _RELOWER_UNDER_DYNAMO = (
@@ -71,6 +75,32 @@ def _call_checked(self, *args, **kwargs):
     return nn.Module.__call__(self, *args, **kwargs)
 
 
+def _is_traced(args: tuple, kwargs: dict) -> bool:
+    """Called by a tracer (symbolic_trace of the result, Dynamo, export): nothing to check."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    return any(isinstance(a, torch.fx.Proxy) for a in args) or any(
+        isinstance(a, torch.fx.Proxy) for a in kwargs.values())
+
+
+def _checked_forward(generated):
+    """The generated forward, run only for inputs whose trace was checked (verify.py)."""
+
+    @functools.wraps(generated)
+    def forward(self, *args, **kwargs):
+        t = self.__dict__["_convbn"]
+        if t.verify and t.source is not None and not _is_traced(args, kwargs):
+            key = signature(args, kwargs)
+            if key not in t.trusted:
+                if key not in t.failed:
+                    self._check_trace(key, args, kwargs)
+                if key in t.failed:
+                    return t.fallback(*args, **kwargs)
+        return generated(self, *args, **kwargs)
+
+    return forward
+
+
 @dataclass
 class Tuning:
     """The one object a TunedGraphModule carries beyond a GraphModule."""
@@ -84,6 +114,11 @@ class Tuning:
     result: TuneResult | None = None    # the last lowering of `template`
     watch: Watch | None = None          # what the per-call check reads
     key: StateKey | None = None         # the state `result` was lowered for
+    verify: bool = True                 # check the trace on each new input signature
+    split: Split | None = None          # how to rewrite the children alone (trace mismatch)
+    trusted: set = field(default_factory=set)   # input signatures the trace computes
+    failed: set = field(default_factory=set)    # input signatures it does not compute
+    fallback: Callable | None = None    # the module's own forward, for the failed ones
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -91,7 +126,8 @@ class TunedGraphModule(torch.fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, mode: ModeArg,
                  source: nn.Module | None = None, prefix: str = "",
-                 untraceable: frozenset[str] = frozenset(), retrace: Retrace | None = None):
+                 untraceable: frozenset[str] = frozenset(), retrace: Retrace | None = None,
+                 verify: bool = True, split: Split | None = None):
         # Start from an empty graph: generating code for the traced graph only to replace it
         # at once would cost a third of tune_mode's time. The lowered graph is compiled once.
         stub = torch.fx.Graph()
@@ -113,7 +149,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         # Kept out of _modules: the source is not a submodule (it would duplicate every
         # state_dict key).
         self.__dict__["_convbn"] = Tuning(mode, prefix, source, frozenset(untraceable), retrace,
-                                          graph)
+                                          graph, verify=verify, split=split)
         self._relower(strict=True)
 
     # -- following state --------------------------------------------------------------------
@@ -136,6 +172,7 @@ class TunedGraphModule(torch.fx.GraphModule):
             now = t.watch.read()
             if t.retrace is not None and t.source is not None and now.needs_retrace(old):
                 t.template, reuse = self._retrace(), None
+                t.trusted, t.failed = set(), set()  # a new graph: checked again
             elif now.hooks != old.hooks or now.registry != old.registry:
                 reuse = None  # match again: hooks change the reasons, lowerings changed
         if reuse is None:
@@ -150,6 +187,17 @@ class TunedGraphModule(torch.fx.GraphModule):
             log.debug("%s relowered: %s", type(self).__name__, result.lowerings)
         t.key = t.watch.read()
 
+    def _view(self) -> nn.Module:
+        """The source's class and plain attributes, over this module's current children (a
+        child replaced on the result after the rewrite is not on the source)."""
+        t = self.__dict__["_convbn"]
+        view = object.__new__(type(t.source))
+        view.__dict__.update(t.source.__dict__)
+        for key in ("_modules", "_parameters", "_buffers"):
+            view.__dict__[key] = self.__dict__[key]
+        view.training = self.training  # the root's flag lives on self
+        return view
+
     def _retrace(self) -> torch.fx.Graph:
         """Trace the source again over this module's current children.
 
@@ -158,18 +206,36 @@ class TunedGraphModule(torch.fx.GraphModule):
         rewrites it in place as a part (hooks and FSDP's state belong to that module object).
         """
         t = self.__dict__["_convbn"]
-        # The source's class and plain attributes, over this module's current children (a
-        # child replaced on the result after the rewrite is not on the source).
-        view = object.__new__(type(t.source))
-        view.__dict__.update(t.source.__dict__)
-        for key in ("_modules", "_parameters", "_buffers"):
-            view.__dict__[key] = self.__dict__[key]
-        view.training = self.training  # the root's flag lives on self
-        return t.retrace(view, t.untraceable, t.rule, t.prefix)
+        return t.retrace(self._view(), t.untraceable, t.rule, t.prefix)
+
+    @_eager_only
+    def _check_trace(self, key: tuple, args: tuple, kwargs: dict) -> None:
+        """Trust the trace for this input signature only if it computes the forward's result;
+        else run the forward itself for it, with the children rewritten on their own."""
+        t = self.__dict__["_convbn"]
+        view = self._view()
+        traced = torch.fx.GraphModule(self, t.template, type(self).__name__)
+        if agree(functools.partial(type(view).forward, view), traced, self, args, kwargs):
+            t.trusted.add(key)
+            return
+        t.failed.add(key)
+        log.warning("the traced graph of %s computes something else than its forward on this "
+                    "input (a branch taken on a traced value: isinstance, a flag, a shape); it "
+                    "runs its own forward for such inputs, with its submodules rewritten on "
+                    "their own", t.prefix or type(t.source).__name__)
+        if t.fallback is None:
+            if t.split is not None:
+                t.split(view, t.rule, t.prefix)
+                # The graph reads the same parameters through the parts: nothing to retrace.
+                t.watch = Watch.of(self, t.template, t.result.blocks, t.source)
+                t.key = t.watch.read()
+            t.fallback = functools.partial(type(view).forward, view)
 
     def recompile(self):
         code = super().recompile()
-        type(self).__call__ = _call_checked
+        cls = type(self)
+        cls.forward = _checked_forward(cls.forward)
+        cls.__call__ = _call_checked
         return code
 
     # -- copying ---------------------------------------------------------------------------
@@ -194,7 +260,8 @@ class TunedGraphModule(torch.fx.GraphModule):
         finally:
             self.__dict__["_convbn"] = t
         res.__dict__["_convbn"] = Tuning(t.rule, t.prefix, copy.deepcopy(t.source, memo),
-                                         t.untraceable, t.retrace, copy_graph(t.template)[0])
+                                         t.untraceable, t.retrace, copy_graph(t.template)[0],
+                                         verify=t.verify, split=t.split)
         res._relower()
         return res
 
@@ -213,13 +280,21 @@ class TunedGraphModule(torch.fx.GraphModule):
     def block_infos(self, prefix: str = "") -> list[BlockInfo]:
         """BlockInfo for each block, for the state the model is in now."""
         self.follow_state()
-        return self.__dict__["_convbn"].result.infos(prefix)
+        t = self.__dict__["_convbn"]
+        if t.failed and not t.trusted:  # every input seen so far ran the forward itself
+            pre = f"{prefix}." if prefix else ""
+            why = (f"the trace of {prefix or type(t.source).__name__} does not compute what its "
+                   "forward does, so it runs unrewritten (its submodules on their own)")
+            return [BlockInfo(pre + b.conv, pre + b.bn, b.kind, None, b.reason or why)
+                    for b in t.result.blocks]
+        return t.result.infos(prefix)
 
     def with_mode(self, mode: ModeArg) -> "TunedGraphModule":
         """A new TunedGraphModule over the same modules, lowered by another mode rule."""
         t = self.__dict__["_convbn"]
         return TunedGraphModule(self, copy_graph(t.template)[0], mode, source=t.source,
-                                prefix=t.prefix, untraceable=t.untraceable, retrace=t.retrace)
+                                prefix=t.prefix, untraceable=t.untraceable, retrace=t.retrace,
+                                verify=t.verify, split=t.split)
 
     def set_mode(self, mode: ModeArg) -> None:
         """Change the mode rule ("auto", a Mode, or a policy) and relower now."""

@@ -33,7 +33,7 @@ from .tracer import Trace, trace_graph
 from .tree import has_blocks_inside, submodule
 from .tuned import TunedGraphModule
 
-__all__ = ["Rewriter", "retrace"]
+__all__ = ["Rewriter", "retrace", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 class Rewriter:
     """One rewrite's walk: a mode rule, whether to copy, and the trace failures seen."""
 
-    def __init__(self, rule: ModeArg, inplace: bool):
-        self.rule, self.inplace, self.errors = rule, inplace, []
+    def __init__(self, rule: ModeArg, inplace: bool, verify: bool = True):
+        self.rule, self.inplace, self.verify, self.errors = rule, inplace, verify, []
 
     def whole(self, module: nn.Module, prefix: str = "", as_part: bool = False) -> nn.Module:
         """`module` traced and rewritten whole; raises Untraceable when its forward won't trace.
@@ -62,9 +62,11 @@ class Rewriter:
         if isinstance(module, torch.fx.GraphModule):
             graph = copy.deepcopy(module.graph)
             if not as_part and not has_hooks(module):
-                return TunedGraphModule(module, graph, self.rule, prefix=prefix)
+                return TunedGraphModule(module, graph, self.rule, prefix=prefix,
+                                        verify=self.verify)
             return make_part(module, lambda view: TunedGraphModule(
-                view, graph, self.rule, prefix=prefix), inplace=self.inplace)
+                view, graph, self.rule, prefix=prefix, verify=self.verify),
+                inplace=self.inplace)
         try:
             traced = trace_graph(module, keep=is_rewritten)
         except Exception as exc:  # torch.fx raises many kinds; any means "not traceable"
@@ -75,7 +77,8 @@ class Rewriter:
 
         def build(view: nn.Module) -> TunedGraphModule:
             return TunedGraphModule(view, traced.graph, self.rule, source=view, prefix=prefix,
-                                    untraceable=traced.untraceable, retrace=retrace)
+                                    untraceable=traced.untraceable, retrace=retrace,
+                                    verify=self.verify, split=split)
 
         if as_part or has_hooks(module):
             return make_part(root, build, inplace=self.inplace)
@@ -136,3 +139,16 @@ def retrace(view: nn.Module, untraceable: frozenset, rule: ModeArg,
     if walk.errors:
         log.info("%s: submodules kept as calls: %s", type(view).__name__, "; ".join(walk.errors))
     return traced.graph
+
+
+def split(view: nn.Module, rule: ModeArg, prefix: str) -> None:
+    """Rewrite the children of `view` on their own (its trace did not compute its forward).
+
+    `view` shares its children dict with a graph module; the children are replaced there by
+    parts (copies: the input model is not changed), each checking its own trace in turn.
+    """
+    walk = Rewriter(rule, inplace=False)
+    rewritten = walk.parts(view, prefix)
+    view._modules.update(rewritten._modules)
+    if walk.errors:
+        log.info("%s: submodules kept as calls: %s", type(view).__name__, "; ".join(walk.errors))
