@@ -44,8 +44,20 @@ import torch.nn as nn
 import convbn_fx
 from convbn_fx.tools.testing import compare_to_float64
 
-from .zoo_models import (FAMILIES, HF, HF_QUICK, MONAI, MONAI_QUICK, QUICK, SIZES,  # noqa: F401
-                         TORCHVISION, ZOOS, ZooModel, build_timm, build_torchvision)
+from .zoo_models import (  # noqa: F401
+    FAMILIES,
+    HF,
+    HF_QUICK,
+    MONAI,
+    MONAI_QUICK,
+    QUICK,
+    SIZES,
+    TORCHVISION,
+    ZOOS,
+    ZooModel,
+    build_timm,
+    build_torchvision,
+)
 from .zoo_pairs import Pairs, count_pairs, find_pairs, norm_rule, prepare  # noqa: F401
 
 __all__ = ["FAMILIES", "QUICK", "HF", "HF_QUICK", "MONAI", "MONAI_QUICK", "ZooResult",
@@ -198,6 +210,25 @@ def _is_linear(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _count(result: ZooResult, infos, pairs) -> dict:
+    """Fill in the block counts from `describe()`; returns the skipped pairs' reasons."""
+    result.blocks = len(infos)
+    folded, skipped, result.skipped = Counter(), {}, {}
+    for i in infos:
+        if i.folded:
+            folded[(i.conv, i.bn)] += 1
+        else:
+            reason = i.reason or f"lowered {i.lowering}"
+            result.skipped[reason] = result.skipped.get(reason, 0) + 1
+            skipped[(i.conv, i.bn)] = reason
+    result.folded = sum((Counter(pairs.conv + pairs.conv_view) & folded).values())
+    result.linear_folded = sum((Counter(pairs.linear) & folded).values())
+    hooked = Counter(pairs.conv + pairs.conv_view + pairs.linear)
+    result.lost = [f"{c} -> {n}" for (c, n), k in (hooked - folded).items() for _ in range(k)]
+    result.extra = [f"{c} -> {n}" for (c, n), k in (folded - hooked).items() for _ in range(k)]
+    return skipped
+
+
 def check(name: str, build: Callable[[], nn.Module], x: torch.Tensor, numerics: bool = True,
           explain: bool = False, calibrated: bool = False) -> ZooResult:
     """Sweep one model: pairs, folded blocks, the rewritten output, the float64 checks.
@@ -220,35 +251,20 @@ def check(name: str, build: Callable[[], nn.Module], x: torch.Tensor, numerics: 
             tuned = convbn_fx.tune_mode(model)
             infos = convbn_fx.describe(tuned)
         result.log = lines
-        result.blocks = len(infos)
-        folded, skipped = Counter(), {}
-        for i in infos:
-            if i.folded:
-                folded[(i.conv, i.bn)] += 1
-            else:
-                reason = i.reason or f"lowered {i.lowering}"
-                result.skipped[reason] = result.skipped.get(reason, 0) + 1
-                skipped[(i.conv, i.bn)] = reason
-        for kind, found in (("conv", pairs.conv + pairs.conv_view), ("linear", pairs.linear)):
-            n = sum((Counter(found) & folded).values())
-            if kind == "conv":
-                result.folded = n
-            else:
-                result.linear_folded = n
-        hooked = Counter(pairs.conv + pairs.conv_view + pairs.linear)
-        result.lost = [f"{c} -> {n}" for (c, n), k in (hooked - folded).items()
-                       for _ in range(k)]
-        result.extra = [f"{c} -> {n}" for (c, n), k in (folded - hooked).items()
-                        for _ in range(k)]
+        skipped = _count(result, infos, pairs)
+        stage = "run"
+        with _captured_log() as lines:
+            result.out_diff = output_difference(model, tuned, x)
+            # What runs after the first call: a trace that did not verify runs unrewritten.
+            skipped = _count(result, convbn_fx.describe(tuned), pairs)
+        result.log += lines
+        result.runs = True
         if explain and result.lost:
             from .zoo_explain import explain_lost
 
-            result.why = explain_lost(model, result.lost, skipped, lines,
+            result.why = explain_lost(model, result.lost, skipped, result.log,
                                       frozenset(pairs.conv_view) | pairs.views,
                                       frozenset(pairs.shared))
-        stage = "run"
-        result.out_diff = output_difference(model, tuned, x)
-        result.runs = True
         if not numerics:
             result.stable = None
         if numerics:

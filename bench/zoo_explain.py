@@ -88,7 +88,7 @@ def failure_site(module: nn.Module) -> tuple[str | None, frozenset]:
     from convbn_fx.model.tracer import trace_graph
 
     try:
-        return None, trace_graph(module).opaque
+        return None, trace_graph(module).untraceable
     except Exception:
         return _own_frame(sys.exc_info()[2]) or "(no frame outside torch)", frozenset()
 

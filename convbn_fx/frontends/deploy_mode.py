@@ -18,9 +18,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from ..graph.affine import constant_value
 from ..graph.choose import module_state
 from ..graph.tune_graph import tune_graph
-from ..kernels.fold import fold
+from ..kernels.fold import scale_and_shift, scale_weight
 from ..model.parts import Untraceable, is_rewritten, rewrite_parts
 from ..model.tracer import trace
 from ..model.tuned import TunedGraphModule
@@ -36,16 +37,29 @@ log = logging.getLogger(__name__)
 _TRAINING = "BN is in training mode (call .eval() on it to fold it)"
 
 
-def _folded_conv(conv: nn.Module, bn: nn.Module, transposed: bool) -> nn.Module:
-    """A copy of `conv` whose fresh weight and bias compute `bn(conv(x))` with frozen BN."""
-    tensors = [None if t is None else t.detach().double() for t in (
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-    weight, bias = fold(*tensors, bn.eps, transposed, conv.groups)
+def _folded_conv(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor,
+                 transposed: bool) -> nn.Module:
+    """A copy of `conv` whose fresh weight and bias compute `conv(x)·s + shift` (float64
+    values, rounded once to the conv's dtype)."""
+    weight = scale_weight(conv.weight.detach().double(), scale, transposed, conv.groups)
+    bias = shift if conv.bias is None else shift + scale * conv.bias.detach().double()
     new = copy.deepcopy(conv)
     trainable = conv.weight.requires_grad
     new.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=trainable)
     new.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=trainable)
     return new
+
+
+def _scale_and_shift(gm: torch.fx.GraphModule, block: Block) -> tuple[torch.Tensor, ...]:
+    """The block's per-channel scale and shift, in float64, from its current tensors."""
+    if block.norm == "affine":
+        scale = constant_value(block.tensors["scale"], gm, torch.float64).reshape(-1)
+        shift = constant_value(block.tensors["shift"], gm, torch.float64).reshape(-1)
+        return scale, -shift if block.negate_shift else shift
+    bn = gm.get_submodule(block.bn)
+    stats = [None if t is None else t.detach().double() for t in (
+        bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+    return scale_and_shift(None, *stats, block.eps)
 
 
 def _unique_name(gm: torch.fx.GraphModule, base: str) -> str:
@@ -75,7 +89,7 @@ def _new_conv_lowering(gm: torch.fx.GraphModule):
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
 
     def lower(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
-        new = _folded_conv(gm.get_submodule(block.conv), gm.get_submodule(block.bn),
+        new = _folded_conv(gm.get_submodule(block.conv), *_scale_and_shift(gm, block),
                            block.config.transposed)
         if calls.count(block.conv) == 1:
             target = block.conv  # its only call: the folded conv takes its place
@@ -103,6 +117,8 @@ def _fold_graph(gm: torch.fx.GraphModule, prefix: str = "") -> torch.fx.GraphMod
                     "deploy_mode leaves %s%s -> %s%s as is: %s",
                     prefix, block.conv, prefix, block.bn, reason)
     if result.modified:
+        gm.graph.eliminate_dead_code()  # an affine epilogue's scale and shift arithmetic
+        gm.recompile()
         gm.delete_all_unused_submodules()
     folded = sum(m is Mode.DEPLOY for m in result.lowerings)
     log.info("deploy_mode folded %d of %d blocks in %s%s", folded, len(result.blocks),

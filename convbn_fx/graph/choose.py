@@ -57,7 +57,9 @@ def module_state(root: nn.Module) -> StateOf:
     """A block's state read from its conv and BN modules under `root`, now."""
     def state(block: Block) -> BlockState:
         conv, bn = root.get_submodule(block.conv), root.get_submodule(block.bn)
-        return BlockState(uses_batch_stats(bn), any(
+        # An affine epilogue has no batch statistics; its owner's parameters may train.
+        batch = block.norm == "batch" and uses_batch_stats(bn)
+        return BlockState(batch, any(
             p.requires_grad for m in (conv, bn) for p in m._parameters.values() if p is not None))
 
     return state

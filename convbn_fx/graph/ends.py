@@ -20,9 +20,10 @@ import torch.nn as nn
 
 from ..vocabulary.blocks import ConvConfig, Source, same_padding
 from ..vocabulary.kinds import bn_base, conv_base, frozen_norm, is_frozen_bn, is_linear
+from .affine import Affine, match_affine
 from .normalize import conv_config, match_conv, match_norm, module_input, module_path, op_name
 
-__all__ = ["End", "conv_end", "norm_end", "as_source"]
+__all__ = ["End", "conv_end", "norm_end", "affine_end", "as_source"]
 
 
 @dataclass
@@ -45,6 +46,7 @@ class End:
     eps: float = 1e-5
     training: Any = None            # the call's own `training` flag (functional ends)
     epilogue: tuple[str, ...] = ()
+    affine: Affine | None = None    # an affine epilogue (`conv·S + B`), not a BN call
 
 
 def as_source(value: Any) -> Source:
@@ -150,8 +152,13 @@ def norm_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> End | None:
             "bn_bias": f"{t}.bias" if bn.bias is not None else None,
             "num_batches_tracked": (f"{t}.num_batches_tracked" if getattr(
                 bn, "num_batches_tracked", None) is not None else None)})
-        end.eps = float(bn.eps)
         norm = frozen_norm(bn)
+        eps = norm.eps if norm is not None and norm.eps is not None else getattr(bn, "eps", None)
+        if not isinstance(eps, numbers.Real):
+            end.reason = (f"{type(bn).__name__} has no eps attribute; declare it with "
+                          "convbn_fx.declare_frozen_norm(cls, eps=...)")
+            return end
+        end.eps = float(eps)
         end.epilogue = tuple(f"{t}.{e}" for e in norm.epilogue) if norm else ()
         if not is_frozen_bn(bn) and (bn.running_mean is None or bn.running_var is None):
             end.reason = ("BN has no running statistics (track_running_stats=False), so it "
@@ -185,3 +192,34 @@ def norm_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> End | None:
         end.tensors["num_batches_tracked"] = f"{name}.num_batches_tracked"
     _constant_reasons(end, call.training, call.eps)
     return end
+
+
+def _get_attrs(node: torch.fx.Node) -> list[str]:
+    """The qualified names a parameter-only value is computed from."""
+    found, pending, seen = [], [node], set()
+    while pending:
+        n = pending.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            found.append(n.target)
+        pending.extend(n.all_input_nodes)
+    return found
+
+
+def affine_end(node: torch.fx.Node, modules: dict[str, nn.Module],
+               root: nn.Module | None) -> End | None:
+    """The norm end when `node` is an affine epilogue `conv·S + B` (graph/affine.py)."""
+    affine = match_affine(node, root)
+    if affine is None:
+        return None
+    names = _get_attrs(affine.scale) + _get_attrs(affine.shift)
+    owners = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+    owner = owners[0] if owners and all(o == owners[0] for o in owners) else None
+    if not owner or (modules and owner not in modules):
+        return None  # not one submodule's tensors: nothing whose state we could follow
+    module = modules.get(owner)
+    kind = type(module).__name__ if module is not None else op_name(node.target)
+    return End(owner or node.name, kind, module, node, affine.mul, affine.conv_out,
+               {"scale": affine.scale, "shift": affine.shift}, affine=affine)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..kernels.checks import INPUT_CHECKS, check_input
 from ..vocabulary.blocks import Block
 from ..vocabulary.kinds import bn_base, is_frozen_bn
-from .ends import End, as_source, conv_end, norm_end
+from .ends import End, affine_end, as_source, conv_end, norm_end
 from .guards import skip_reason
 
 __all__ = ["find_blocks"]
@@ -36,14 +36,15 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Bl
     modules = dict(root.named_modules()) if root is not None else {}
     blocks = []
     for node in list(graph.nodes):
-        norm = norm_end(node, modules)
+        norm = norm_end(node, modules) or affine_end(node, modules, root)
         if norm is None or not isinstance(norm.input, torch.fx.Node):
             continue
         conv = conv_end(norm.input, modules)
         if conv is None:
             continue
         block = Block(conv=conv.name, bn=norm.name, kind=f"{conv.kind}+{norm.kind}",
-                      conv_node=conv.node, bn_node=norm.node, training=norm.training)
+                      conv_node=conv.node, bn_node=norm.node, training=norm.training,
+                      inner=(norm.call,) if norm.call is not norm.node else ())
         block.reason = skip_reason(conv, norm, root)
         if block.reason is None:
             block.input, block.config, block.eps = conv.input, conv.config, norm.eps
@@ -55,6 +56,8 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Bl
                     and bn_base(norm.module) is nn.BatchNorm1d else None
             block.tensors = {**conv.tensors, **norm.tensors}
             block.checks, block.check_nodes = _input_checks(conv, norm)
+            if norm.affine is not None:
+                block.norm, block.negate_shift = "affine", norm.affine.subtract
         blocks.append(block)
     return blocks
 
@@ -62,6 +65,8 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Bl
 def _input_checks(conv: End, norm: End) -> tuple[tuple, tuple]:
     """The norm's input checks, which the lowered block must still run: a stock BN module's
     own, or the traced calls of a traced-through BN's (`check_input` on the conv output)."""
+    if norm.affine is not None:
+        return (), ()
     if norm.node.op == "call_module":
         if is_frozen_bn(norm.module):
             return (), ()

@@ -12,6 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from ..vocabulary.kinds import bn_base, bn_spatial_dims, conv_base, has_hooks, is_linear, is_plain
+from .affine import per_channel
 from .ends import End
 from .normalize import static_shape
 from .uses import is_metadata_use
@@ -62,6 +63,9 @@ def _other_uses(conv: End, norm: End, root) -> str | None:
     if others:
         return f"the conv output is also used by {', '.join(others)}"
     if norm.call is not norm.node and len(norm.call.users) > 1:
+        if norm.affine is not None:
+            others = ", ".join(u.name for u in norm.call.users if u is not norm.node)
+            return f"the scaled conv output is also used by {others}"
         return "BN's saved statistics (outputs 1 and 2) are used too"
     return None
 
@@ -85,8 +89,23 @@ def _out_channels(conv: End, root) -> int | None:
     return shape[1] * conv.config.groups
 
 
+def _affine(conv: End, norm: End, root) -> str | None:
+    """An affine epilogue folds only into a conv, with one scale and shift per channel."""
+    if norm.affine is None:
+        return None
+    if conv.linear:
+        return "a Linear's affine epilogue is not folded (only BatchNorm1d's)"
+    out = _out_channels(conv, root)
+    if out is None or not per_channel(norm.affine, out, len(conv.config.stride) + 2, root):
+        return ("the scale and shift are not one value per output channel of the conv, so "
+                "they do not fold into its weight")
+    return None
+
+
 def _shapes(conv: End, norm: End, root) -> str | None:
     """Whether the norm normalises the channels (features) that the conv (linear) makes."""
+    if norm.affine is not None:
+        return None
     bn = norm.module if norm.node.op == "call_module" else None
     if conv.linear and bn is not None and bn_base(bn) not in (nn.BatchNorm1d,
                                                               nn.SyncBatchNorm):
@@ -102,7 +121,8 @@ def _shapes(conv: End, norm: End, root) -> str | None:
     return None
 
 
-_GUARDS: tuple[Guard, ...] = (_end_reasons, _owned, _hooks, _other_uses, _lazy, _shapes)
+_GUARDS: tuple[Guard, ...] = (_end_reasons, _owned, _hooks, _other_uses, _lazy, _affine,
+                              _shapes)
 
 
 def skip_reason(conv: End, norm: End, root: nn.Module | None) -> str | None:

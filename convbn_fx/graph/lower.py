@@ -107,11 +107,11 @@ def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
             graph.erase_node(check)
         if all(u in uses for u in block.conv_node.users):  # the conv itself is gone
             _move_metadata_uses(block.conv_node, uses, out)
-        source = block.bn_node.args[0] if block.bn_node.args else None
         graph.erase_node(block.bn_node)
-        if isinstance(source, torch.fx.Node) and source is not block.conv_node \
-                and source.op == "call_function" and not source.users:
-            graph.erase_node(source)  # aten BN returning a tuple: bn_node was its getitem 0
+        for node in block.inner:  # an aten BN's tuple (bn_node was its getitem 0), conv·S
+            inputs += node.all_input_nodes
+            if not node.users:
+                graph.erase_node(node)
         if not block.conv_node.users:
             graph.erase_node(block.conv_node)
         for node in inputs:  # a traced-through module's tensors, now read by the lowering

@@ -23,11 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import conv_scaled, convolution
-from .fold import scale_and_shift
+from .fold import scale_and_shift, scale_weight
 from .frozen import frozen_fold
 from .linear import linear_scaled
 
-__all__ = ["conv_bn_tune", "conv_bn_deploy", "linear_bn_tune", "linear_bn_deploy"]
+__all__ = ["conv_bn_tune", "conv_bn_deploy", "linear_bn_tune", "linear_bn_deploy",
+           "conv_affine_tune", "conv_affine_deploy"]
 
 Checks = Sequence[tuple[nn.Module, str]]
 
@@ -153,3 +154,50 @@ def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
                                      cache=cache)
     return _then(F.linear(x, folded_w, folded_b), checks, epilogue)
+
+
+def conv_affine_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     scale: torch.Tensor, shift: torch.Tensor, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int] = (1,),
+                     transposed: bool = False, output_padding: Sequence[int] = (0,),
+                     groups: int = 1, pre_pad=None, pad_mode: str = "constant",
+                     negate_shift: bool = False, conv=None) -> torch.Tensor:
+    """Tune for a conv and an affine epilogue `conv(x)·S + B` (a frozen norm written as
+    arithmetic): `conv(x, W·s, s·b + B)`, S and B one value per output channel."""
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
+    if not _batched(x, len(stride)):
+        return _affine_unfolded(_conv(x, weight, bias, cfg, conv), scale, shift, negate_shift)
+    s, b = _affine_fold(bias, scale, shift, negate_shift)
+    return conv_scaled(_padded(x, pre_pad, pad_mode), weight, s, b, cfg["stride"],
+                       cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
+
+
+def conv_affine_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor, shift: torch.Tensor, stride: Sequence[int],
+                       padding: Sequence[int], dilation: Sequence[int] = (1,),
+                       transposed: bool = False, output_padding: Sequence[int] = (0,),
+                       groups: int = 1, pre_pad=None, pad_mode: str = "constant",
+                       negate_shift: bool = False, conv=None) -> torch.Tensor:
+    """Deploy for an affine epilogue: S and B are computed on every call, so the constant
+    fold is too (without autograd)."""
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
+    if not _batched(x, len(stride)):
+        return _affine_unfolded(_conv(x, weight, bias, cfg, conv), scale, shift, negate_shift)
+    with torch.no_grad():
+        s, b = _affine_fold(bias, scale, shift, negate_shift)
+        folded_w = scale_weight(weight, s, transposed, groups)
+    return convolution(_padded(x, pre_pad, pad_mode), folded_w, b, cfg["stride"],
+                       cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
+
+
+def _affine_fold(bias, scale, shift, negate_shift):
+    s = scale.reshape(-1)
+    b = -shift.reshape(-1) if negate_shift else shift.reshape(-1)
+    return s, b if bias is None else b + s * bias
+
+
+def _affine_unfolded(z, scale, shift, negate_shift):
+    """The epilogue as written, on an input the fold does not cover (it broadcasts)."""
+    return z * scale - shift if negate_shift else z * scale + shift

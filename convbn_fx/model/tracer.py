@@ -22,6 +22,7 @@ single calls. The caller rewrites the kept modules on their own (see parts.py an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -128,6 +129,9 @@ class ConvBNTracer(torch.fx.Tracer):
     def __init__(self, untraceable: frozenset[str] = frozenset(),
                  keep: Callable[[nn.Module], bool] = _never, leaves: tuple = ()):
         super().__init__(autowrap_functions=tuple(leaf_functions()) + leaves + (_checkpoint,))
+        # Buffers read in a forward are graph values, not numbers baked in at trace time: a
+        # frozen norm's `w * (rv + eps).rsqrt()` must follow `load_state_dict` and `.to()`.
+        self.proxy_buffer_attributes = True
         self.untraceable, self.keep = untraceable, keep
         self.failed_in: str | None = None
 
@@ -138,12 +142,15 @@ class ConvBNTracer(torch.fx.Tracer):
 
     def create_arg(self, a):
         # torch.fx turns a dict subclass into a plain dict and rejects other dataclasses: a
-        # dataclass result (HF's ModelOutput) is rebuilt as itself, so the rewritten model
-        # returns the type its forward returns (`out.logits` keeps working).
+        # dataclass result (HF's ModelOutput) or an OrderedDict (torchvision's backbones) is
+        # rebuilt as itself, so the rewritten model returns the type its forward returns.
         if dataclasses.is_dataclass(a) and not isinstance(a, type):
             fields = {f.name: self.create_arg(getattr(a, f.name))
                       for f in dataclasses.fields(a) if f.init}
             return self.create_node("call_function", type(a), (), fields)
+        if type(a) is collections.OrderedDict:
+            items = [(self.create_arg(k), self.create_arg(v)) for k, v in a.items()]
+            return self.create_node("call_function", collections.OrderedDict, (items,), {})
         return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):

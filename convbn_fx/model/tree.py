@@ -12,16 +12,17 @@ import torch.fx
 import torch.nn as nn
 
 from ..kernels.checks import check_input
-from ..vocabulary.kinds import all_bn_types
+from ..vocabulary.kinds import all_bn_types, holds_statistics
 
 __all__ = ["has_blocks_inside", "reads_training_flag", "traced_through", "submodule"]
 
 
 def has_blocks_inside(module: nn.Module) -> bool:
-    """True when any submodule is a BN: every block ends in one, so only such parts are worth
-    tracing (a lone conv, e.g. a detection head's classifier, is left as it is)."""
+    """True when any submodule is a norm (a BN, or any module holding running statistics, as
+    a frozen norm written as arithmetic does): only such parts are worth tracing (a lone
+    conv, e.g. a detection head's classifier, is left as it is)."""
     kinds = all_bn_types()
-    return any(isinstance(m, kinds) for m in module.modules())
+    return any(isinstance(m, kinds) or holds_statistics(m) for m in module.modules())
 
 
 def reads_training_flag(module: nn.Module) -> bool:

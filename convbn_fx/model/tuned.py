@@ -25,7 +25,7 @@ from ..graph.lower import copy_graph
 from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
-from .verify import agree, signature
+from .verify import agree, checkable, signature
 from .watch import StateKey, Watch
 
 __all__ = ["TunedGraphModule", "Tuning", "Retrace"]
@@ -75,21 +75,13 @@ def _call_checked(self, *args, **kwargs):
     return nn.Module.__call__(self, *args, **kwargs)
 
 
-def _is_traced(args: tuple, kwargs: dict) -> bool:
-    """Called by a tracer (symbolic_trace of the result, Dynamo, export): nothing to check."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return True
-    return any(isinstance(a, torch.fx.Proxy) for a in args) or any(
-        isinstance(a, torch.fx.Proxy) for a in kwargs.values())
-
-
 def _checked_forward(generated):
     """The generated forward, run only for inputs whose trace was checked (verify.py)."""
 
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):
         t = self.__dict__["_convbn"]
-        if t.verify and t.source is not None and not _is_traced(args, kwargs):
+        if t.verify and t.source is not None and checkable(args, kwargs):
             key = signature(args, kwargs)
             if key not in t.trusted:
                 if key not in t.failed:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["signature", "same_outputs", "isolated", "agree"]
+__all__ = ["signature", "same_outputs", "isolated", "agree", "checkable"]
 
 
 def _leaf_key(value: Any):
@@ -29,6 +29,19 @@ def _leaf_key(value: Any):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return type(value).__qualname__
+
+
+def checkable(args: tuple, kwargs: dict) -> bool:
+    """A call with values to compare: not traced (Proxies), no meta or fake tensors."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    for value in pytree.tree_leaves((args, kwargs)):
+        if isinstance(value, torch.fx.Proxy):
+            return False
+        if isinstance(value, torch.Tensor) and (value.device.type == "meta" or isinstance(
+                value, torch._subclasses.FakeTensor)):
+            return False
+    return True
 
 
 def signature(args: tuple, kwargs: dict) -> tuple:
@@ -80,15 +93,16 @@ def _no_hooks(module: nn.Module):
 
 
 @contextlib.contextmanager
-def isolated(module: nn.Module, args: tuple, kwargs: dict):
-    """Run the body without gradients and hooks, from one random state, leaving no trace on
-    `module`: its buffers (BN's running statistics in training mode) are restored afterwards,
-    and the random state is as it was before (the real call that follows draws the same
-    masks)."""
+def isolated(module: nn.Module, args: tuple, kwargs: dict, hooks: bool = False):
+    """Run the body without gradients (and hooks, unless `hooks`), from one random state,
+    leaving no trace on `module`: its buffers (BN's running statistics in training mode)
+    are restored afterwards, and the random state is as it was before (the real call that
+    follows draws the same masks)."""
     devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
                       if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
     saved = [(b, b.detach().clone()) for b in module.buffers()]
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_hooks(module), \
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            (contextlib.nullcontext() if hooks else _no_hooks(module)), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real call that follows warns what it warns
         state = torch.random.get_rng_state()
@@ -118,15 +132,21 @@ def _fresh(value: Any) -> Any:
 
 def agree(reference: Callable, traced: Callable, module: nn.Module, args: tuple,
           kwargs: dict) -> bool:
-    """Whether `traced(*args, **kwargs)` computes what `reference` does on this input."""
-    with isolated(module, args, kwargs) as rewind:
-        try:
-            want = reference(*_fresh(args), **_fresh(kwargs))
-        except Exception:  # the module rejects this input: its own call will say so
-            return True
-        rewind()
-        try:
-            got = traced(*_fresh(args), **_fresh(kwargs))
-        except Exception:
-            return False
-        return same_outputs(want, got)
+    """Whether `traced(*args, **kwargs)` computes what `reference` does on this input.
+
+    Without hooks first; a module whose forward needs its hooks (Hugging Face captures
+    hidden states with them) is compared with them, their side effects and all.
+    """
+    for hooks in (False, True):
+        with isolated(module, args, kwargs, hooks) as rewind:
+            try:
+                want = reference(*_fresh(args), **_fresh(kwargs))
+            except Exception:
+                continue  # needs its hooks, or rejects this input (its own call will say so)
+            rewind()
+            try:
+                got = traced(*_fresh(args), **_fresh(kwargs))
+            except Exception:
+                return False
+            return same_outputs(want, got)
+    return True

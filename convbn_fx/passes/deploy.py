@@ -8,7 +8,7 @@ stale. Training through constant folded weights is what the paper shows to be un
 
 import torch.fx
 
-from ..kernels.blocks import conv_bn_deploy, linear_bn_deploy
+from ..kernels.blocks import conv_affine_deploy, conv_bn_deploy, linear_bn_deploy
 from ..vocabulary.blocks import Block
 from ..vocabulary.modes import Mode
 from .emit import block_call, source
@@ -19,6 +19,8 @@ __all__ = ["lower_deploy"]
 
 @register_lowering(Mode.DEPLOY)
 def lower_deploy(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
+    if block.norm == "affine":  # S and B are computed per call: so is the fold
+        return block_call(graph, block, conv_affine_deploy, "deploy")
     extra = {}
     watch = source(graph, block.tensors.get("num_batches_tracked"))
     if watch is not None:

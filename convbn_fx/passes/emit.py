@@ -70,8 +70,17 @@ def block_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
             got[target] = graph.get_attr(target)
         return got[target]
 
+    conv_kwargs = _conv_kwargs(block) if block.op == "conv" else {}
+    if block.norm == "affine":  # conv·S + B: the conv's tensors, then S and B themselves
+        kwargs = {**conv_kwargs, **({"negate_shift": True} if block.negate_shift else {})}
+        if block.conv_node.op == "call_module":
+            kwargs["conv"] = module(block.conv_node.target)
+        args = (block.input, source(graph, block.tensors["weight"]),
+                source(graph, block.tensors.get("bias")), block.tensors["scale"],
+                block.tensors["shift"])
+        return call(graph, fn, args, {**kwargs, **extra}, name=f"{stem(block)}_{suffix}")
     t = tensors(graph, block)
-    kwargs = {"eps": block.eps, **(_conv_kwargs(block) if block.op == "conv" else {})}
+    kwargs = {"eps": block.eps, **conv_kwargs}
     if block.checks:
         kwargs["checks"] = [(module(m) if isinstance(m, str) else m, name)
                             for m, name in block.checks]

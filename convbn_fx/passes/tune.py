@@ -8,7 +8,7 @@ where that is what the block computes (a batched input) and otherwise runs it un
 
 import torch.fx
 
-from ..kernels.blocks import conv_bn_tune, linear_bn_tune
+from ..kernels.blocks import conv_affine_tune, conv_bn_tune, linear_bn_tune
 from ..vocabulary.blocks import Block
 from ..vocabulary.modes import Mode
 from .emit import block_call
@@ -19,5 +19,7 @@ __all__ = ["lower_tune"]
 
 @register_lowering(Mode.TUNE)
 def lower_tune(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
+    if block.norm == "affine":
+        return block_call(graph, block, conv_affine_tune, "tune")
     kernel = linear_bn_tune if block.op == "linear" else conv_bn_tune
     return block_call(graph, block, kernel, "tune")

@@ -20,7 +20,7 @@ from ..frontends.deploy_mode import deploy_mode
 from ..frontends.tune import describe, tune_mode
 from ..model.tree import has_blocks_inside
 from ..vocabulary.errors import ConvBNError, exception_summary
-from ..vocabulary.kinds import all_bn_types
+from ..vocabulary.kinds import all_bn_types, holds_statistics
 from .options import STATES
 from .specs import build_model
 from .testing import output_tensors, randomize_bn, saved_tensor_bytes
@@ -61,10 +61,15 @@ def make_variant(model: nn.Module, mode: str) -> nn.Module:
 _BN_FUNCTIONS = (torch.nn.functional.batch_norm, torch.batch_norm)
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, all_bn_types()) or holds_statistics(module)
+
+
 def _count_bn(model: nn.Module) -> int:
-    """BN layers `model` still runs: in its traced graphs, the BN calls and batch_norm
-    functions; elsewhere, BN modules. (A folded timm BatchNormAct2d stays in the tree as
-    the parent of its act, but nothing calls it.)"""
+    """Norm layers `model` still runs: in its traced graphs, the norm calls, batch_norm
+    functions and the running variances a traced-through frozen norm's arithmetic still
+    reads; elsewhere, norm modules. (A folded timm BatchNormAct2d stays in the tree as the
+    parent of its act, but nothing calls it.)"""
     count, in_graphs = 0, set()
     for m in model.modules():
         if isinstance(m, torch.fx.GraphModule):
@@ -72,10 +77,11 @@ def _count_bn(model: nn.Module) -> int:
                 if n.op == "call_function":
                     count += n.target in _BN_FUNCTIONS
                 elif n.op == "call_module":
-                    count += isinstance(m.get_submodule(n.target), all_bn_types())
+                    count += _is_norm(m.get_submodule(n.target))
+                elif n.op == "get_attr" and n.target.endswith("running_var"):
+                    count += not any(u.target in _BN_FUNCTIONS for u in n.users)
             in_graphs.update(id(s) for s in m.modules() if s is not m)
-    return count + sum(isinstance(m, all_bn_types()) and id(m) not in in_graphs
-                       for m in model.modules())
+    return count + sum(_is_norm(m) and id(m) not in in_graphs for m in model.modules())
 
 
 def block_counts(model: nn.Module, variant: nn.Module, mode: str) -> dict[str, int]:

@@ -20,18 +20,19 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from ..vocabulary.kinds import all_bn_types
+from ..vocabulary.kinds import all_bn_types, holds_statistics
 
 __all__ = ["output_tensors", "randomize_bn", "finetune_state", "frozen_state", "compare_to_float64",
            "assert_close_to_float64", "saved_tensor_bytes", "Deviation"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN (FrozenBatchNorm2d too) random, non-trivial statistics and affine."""
+    """Give every BN, and every module holding running statistics (frozen norms), random,
+    non-trivial statistics and affine."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, all_bn_types()):
+            if not isinstance(m, all_bn_types()) and not holds_statistics(m):
                 continue
             n = m.running_var.shape[0] if getattr(m, "running_var", None) is not None else None
             if n is not None:

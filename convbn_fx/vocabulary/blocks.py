@@ -21,7 +21,8 @@ __all__ = ["Block", "BlockInfo", "ConvConfig", "Source", "TENSORS", "same_paddin
 
 Source = Union[str, torch.fx.Node, None]
 
-# The six tensors of a block, in the order the folding functions take them.
+# The six tensors of a BN block, in the order the folding functions take them; an affine
+# block's are the conv's weight and bias, then "scale" and "shift".
 TENSORS = ("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias")
 
 
@@ -63,9 +64,12 @@ class Block:
     kind: str                       # e.g. "Conv2d+BatchNorm2d"
     conv_node: torch.fx.Node        # produces the conv output
     bn_node: torch.fx.Node          # consumes it; its users get the lowered value
+    inner: tuple[torch.fx.Node, ...] = ()   # nodes between the two, gone with the block
     input: torch.fx.Node | None = None        # the conv's input
     config: ConvConfig | None = None          # None for a linear block
     op: str = "conv"                # "conv", or "linear" for Linear→BatchNorm1d
+    norm: str = "batch"             # "batch" (running statistics), "affine" (`conv·S + B`)
+    negate_shift: bool = False      # an affine epilogue written `conv·S − B`
     bn_ranks: tuple[int, ...] | None = None   # linear: output ranks the BN accepts (None: any)
     tensors: dict[str, Source] = field(default_factory=dict)   # keys: TENSORS
     eps: float = 1e-5
@@ -88,6 +92,7 @@ class Block:
         return dataclasses.replace(
             self, conv_node=node_map[self.conv_node], bn_node=node_map[self.bn_node],
             input=move(self.input), tensors={k: move(v) for k, v in self.tensors.items()},
+            inner=tuple(node_map[n] for n in self.inner),
             checks=tuple((move(m), name) for m, name in self.checks),
             check_nodes=tuple(node_map[n] for n in self.check_nodes))
 

@@ -8,9 +8,11 @@ traced *through*: what its forward really computes (`F.batch_norm`, then drop an
 forward decides, not the class name. `declare_safe` keeps a subclass whole anyway.
 
 Norms whose forward is plain arithmetic on frozen buffers (torchvision's and timm's
-FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) cannot be matched from their arithmetic; they
-are kept whole and described by a `FrozenNorm` entry: which buffers hold the statistics and
-which submodules run after the normalisation (the epilogue). `declare_frozen_norm` adds one.
+FrozenBatchNorm2d, Hugging Face's `*FrozenBatchNorm2d`) are traced through too and matched by
+what they compute (graph/affine.py), so no class needs declaring. `declare_frozen_norm` is
+for one whose forward does not trace: it is kept whole and described by a `FrozenNorm`
+entry (its eps, and the submodules run after normalising: the epilogue). A module holding
+running statistics (`running_mean`, `running_var`) is what makes a tree worth tracing.
 Third-party classes are recognised only once their package is imported (no dependency).
 Functions can be declared too (`declare_leaf_function`): shape-dependent helpers such as
 timm's `pad_same` stay one call in the trace and run for real.
@@ -18,9 +20,11 @@ timm's `pad_same` stay one call in the trace and run for real.
 
 from __future__ import annotations
 
+import numbers
 import sys
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .errors import ConvBNError
@@ -29,7 +33,7 @@ __all__ = ["CONV_TYPES", "LINEAR_TYPES", "BN_TYPES", "FrozenNorm", "conv_base", 
            "declare_safe", "declare_leaf", "declare_frozen_norm", "frozen_norm", "is_frozen_bn",
            "is_plain", "is_linear", "keeps_whole", "block_types", "all_bn_types",
            "bn_spatial_dims", "has_hooks", "overrides_forward", "wrapper_types", "is_declared_leaf",
-           "has_object_state", "declare_leaf_function", "leaf_functions"]
+           "has_object_state", "declare_leaf_function", "leaf_functions", "holds_statistics"]
 
 CONV_TYPES: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -50,13 +54,7 @@ class FrozenNorm:
     """
 
     epilogue: tuple[str, ...] = ()
-
-
-# (module, class name) of known frozen norms, looked up only when the module is imported.
-_KNOWN_FROZEN = {
-    ("torchvision.ops.misc", "FrozenBatchNorm2d"): FrozenNorm(),
-    ("timm.layers.norm_act", "FrozenBatchNormAct2d"): FrozenNorm(("drop", "act")),
-}
+    eps: float | None = None        # None: the module's `eps` attribute
 # Wrappers whose forward must run as written (it checkpoints or offloads its child): the
 # tracer keeps them whole and the wrapped module is rewritten on its own.
 _KNOWN_WRAPPERS = (("torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
@@ -78,7 +76,7 @@ def _imported(known) -> dict[type, object]:
 
 
 def _frozen_norms() -> dict[type, FrozenNorm]:
-    return {**_imported(_KNOWN_FROZEN), **_frozen_classes}
+    return dict(_frozen_classes)
 
 
 def frozen_norm(module: nn.Module) -> FrozenNorm | None:
@@ -182,13 +180,16 @@ def declare_safe(cls: type) -> type:
     return cls
 
 
-def declare_frozen_norm(cls: type | None = None, *, epilogue: tuple[str, ...] = ()):
-    """Declare a frozen batch-norm class whose forward is plain arithmetic on its buffers.
+def declare_frozen_norm(cls: type | None = None, *, epilogue: tuple[str, ...] = (),
+                        eps: float | None = None):
+    """Declare a frozen batch-norm class whose forward does not trace (one that does is
+    matched by what it computes, with no declaration).
 
     Its forward must compute `y = (x − running_mean)·weight/√(running_var+eps) + bias`
     per channel of an (N, C, ...) input, then apply the submodules named in `epilogue` in
-    order (e.g. `("drop", "act")`). Usable as `@declare_frozen_norm` or
-    `declare_frozen_norm(Cls, epilogue=("act",))`.
+    order (e.g. `("drop", "act")`). `eps` defaults to the module's `eps` attribute, else the
+    one small float constant its forward's code holds (Hugging Face writes `epsilon = 1e-5`).
+    Usable as `@declare_frozen_norm` or `declare_frozen_norm(Cls, epilogue=("act",))`.
     """
     def register(cls):
         if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -197,10 +198,32 @@ def declare_frozen_norm(cls: type | None = None, *, epilogue: tuple[str, ...] = 
                 isinstance(e, str) for e in epilogue):
             raise ConvBNError("declare_frozen_norm's epilogue is a tuple of submodule names, "
                               f"got {epilogue!r}.")
-        _frozen_classes[cls] = FrozenNorm(tuple(epilogue))
+        value = eps if eps is not None else _written_eps(cls)
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(
+                value, bool) or not 0 < value < 1):
+            raise ConvBNError(f"declare_frozen_norm's eps is a small positive number, got "
+                              f"{value!r}.")
+        _frozen_classes[cls] = FrozenNorm(tuple(epilogue),
+                                          None if value is None else float(value))
         return cls
 
     return register if cls is None else register(cls)
+
+
+def _written_eps(cls: type) -> float | None:
+    """The one small float constant in the class's forward, if it holds exactly one."""
+    if "eps" in getattr(cls, "__annotations__", {}) or isinstance(getattr(cls, "eps", None),
+                                                                    float):
+        return None  # an attribute: read per module
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    consts = [c for c in (code.co_consts if code else ()) if isinstance(c, float) and 0 < c < 1e-2]
+    return consts[0] if len(set(consts)) == 1 else None
+
+
+def holds_statistics(module: nn.Module) -> bool:
+    """A module with running statistics, as any batch norm has (frozen or not, stock or not)."""
+    return all(isinstance(getattr(module, name, None), torch.Tensor)
+               for name in ("running_mean", "running_var"))
 
 
 def declare_leaf(cls: type) -> type:
