@@ -34,7 +34,7 @@ from convbn_fx.tools.fake import estimate_peak
 from convbn_fx.tools.options import MEASURE_SCHEMA_VERSION
 from convbn_fx.tools.specs import build_model
 from convbn_fx.tools.steps import example_input, make_variant, prepared_model, training_step
-from convbn_fx.tools.tensor_peak import CATEGORIES, tensor_peak
+from convbn_fx.tools.tensor_peak import tensor_peak
 from convbn_fx.tools.testing import finetune_state, saved_tensor_bytes
 
 TESTS = Path(__file__).resolve().parent
@@ -249,6 +249,17 @@ def test_exact_peak_categories_and_repeatability(capsys):
         modes["eval"]["peak_by_category"]["activations"]
 
 
+@pytest.mark.parametrize("mode", ["eval", "tune", "deploy"])
+def test_one_tracked_step_is_enough(mode):
+    """A second step peaks at the same bytes: no gradient is alive at a step's start, the SGD
+    keeps no state, and tune's cached fold (of the frozen block) is made in the first."""
+    net = make_variant(prepared_model("cli_models:partly_frozen"), mode)
+    x = example_input((2, 3, 16, 16))
+    one, two = (copy.deepcopy(net), copy.deepcopy(net))
+    assert tensor_peak(training_step(one, x), one, x) == \
+        tensor_peak(training_step(two, x), two, x, steps=2)
+
+
 def test_frozen_parameters_are_tracked():
     """MemTracker raises on frozen parameters unless told; tune lowers the frozen block to
     Deploy, whose folded weight (cached between calls) is an activation of the peak."""
@@ -324,12 +335,12 @@ def test_fake_tensors_are_not_cached_by_frozen_fold():
 
 def test_largest_batch_search():
     for budget in range(1, 3000, 41):
-        for peak in (lambda b: 100 + 7 * b, lambda b: 3 * b * b + b, lambda b: 50 * b):
-            batch, probes = fit.largest_batch(peak, budget)
+        for curve in (lambda b: 100 + 7 * b, lambda b: 3 * b * b + b, lambda b: 50 * b):
+            batch, probes = fit.largest_batch(curve, budget)
             if batch is None:
-                assert peak(1) > budget and list(probes) == [1]
+                assert curve(1) > budget and list(probes) == [1]
             else:
-                assert peak(batch) <= budget < peak(batch + 1)
+                assert curve(batch) <= budget < curve(batch + 1)
                 assert batch in probes and batch + 1 in probes
     assert fit.largest_batch(lambda b: b, 10**9, limit=64)[0] == 64
     # an affine peak (a CNN step, nearly): four estimates

@@ -6,8 +6,9 @@ with `tune_mode` and prints `describe()` as tables; `--expect N` and `--fail-on-
 the report into a check.
 `measure` answers the question a user asks before adopting Tune mode: how much memory and time
 it saves on their model at their input size, and how much bigger a batch fits (measure.py and
-fit.py do the measuring; this only parses and prints). Exit status: 0 ok, 1 expectation missed, 2 bad input (one sentence on
-stderr, no traceback), 3 an internal error (with its traceback).
+fit.py do the measuring; this only parses and prints). Exit status: 0 ok, 1 expectation
+missed, 2 bad input (one sentence on stderr, no traceback), 3 an internal error (with its
+traceback).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ MEASURE_EPILOG = SPEC_HELP + """
 For each mode, training steps (--state finetune: model.train() with BN frozen; each step is
 zero_grad(set_to_none=True), forward, backward, SGD with lr=0) or inference steps (--state
 frozen): saved-for-backward MiB; the peak, the tensor memory alive at the highest point of
-two steps by category (parameters, gradients, activations, ...; torch's MemTracker, the same
+the step by category (parameters, gradients, activations, ...; torch's MemTracker, the same
 bytes every run; the input batch is counted); every step's time over interleaved steps
 (median and min-max); each also as a ratio to eval; the rewrite counts; the largest output
 difference to the unrewritten model. Modes: eval (the unrewritten computation, the

@@ -4,7 +4,9 @@ The question users have is a GPU one (what does Tune save at my batch on my 24 G
 a CPU cannot run resnet50 at batch 256 in useful time or memory. It need not: under
 `FakeTensorMode` every op computes only its output's shape, dtype and strides, and MemTracker
 (tensor_peak.py) counts the storages it would have allocated, so the peak of the fake step is
-the real step's to the byte, with no compute and no memory of that size.
+the real step's to the byte, with no compute and no memory of that size. (But for one thing:
+tune_mode caches the folded weight of a frozen block between calls, and refolds a fake one
+on every call, so the estimate lacks those cached weights.)
 
 The model is rewritten for real first (tune_mode and deploy_mode run exactly as for a user;
 deploy_mode deep-copies, which crashes on a model built from fake tensors), then a deep copy

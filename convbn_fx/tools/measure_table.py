@@ -122,12 +122,13 @@ def _categories(m: Measurement, unit: tuple[str, int, str], fmt: str) -> list[st
 
 
 def _peak_note(m: Measurement) -> str:
-    seen = (f"tensor memory alive at the highest point of {TRACKED_STEPS} steps, counted by "
+    steps = "a step" if TRACKED_STEPS == 1 else f"{TRACKED_STEPS} steps"
+    seen = (f"tensor memory alive at the highest point of {steps}, counted by "
             "torch's MemTracker: parameters, buffers, gradients, optimizer state, activations "
             "(made in forward), temporaries (made in backward) and the input batch; the same "
             "bytes every run")
     if m.estimated:
-        return (f"peak: estimated: the same steps on fake tensors (FakeTensorMode), nothing "
+        return (f"peak: estimated: the same step on fake tensors (FakeTensorMode), nothing "
                 f"computed; {seen}. It models {WHAT_IT_MODELS}.{_ops(m.device)}")
     if m.peak is None and m.compiled:
         return ("peak: not measured with --compile: MemTracker cannot vouch for the buffers "
@@ -242,8 +243,8 @@ def format_fit_text(fit: FitResult, fmt: str = "plain") -> str:
     probes = ", ".join(f"{f.mode} {len(f.probes)}" for f in fit.modes.values())
     notes = [f"budget: {format_size(fit.budget)} = {fit.budget} bytes of tensor memory; leave "
              "room for the rest (CUDA context, allocator cache: pass a smaller size).",
-             f"peak: estimated on fake tensors (FakeTensorMode), {TRACKED_STEPS} steps under "
-             f"torch's MemTracker; it models {WHAT_IT_MODELS}.{_ops(fit.device)}",
+             "peak: estimated on fake tensors (FakeTensorMode), the step under torch's "
+             f"MemTracker; it models {WHAT_IT_MODELS}.{_ops(fit.device)}",
              f"step: {TRAINING_STEP}; the input is counted." if fit.state == "finetune" else
              "step: inference (no grad); the input is counted.",
              f"search: secant then regula falsi on the batch; estimates made: {probes}."]

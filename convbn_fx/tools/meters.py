@@ -24,8 +24,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["default_device", "sync", "interleaved_times", "interleaved_medians", "rss_mib", "peak_rss_mib",
-           "peak_during", "child_report", "run_child", "ChildFailed", "machine"]
+__all__ = ["default_device", "sync", "interleaved_times", "interleaved_medians", "rss_mib",
+           "peak_rss_mib", "peak_during", "child_report", "run_child", "ChildFailed", "machine"]
 
 _REPORT = "CONVBN_FX_CHILD_REPORT "  # marks the child's one JSON line on stdout
 

@@ -50,10 +50,10 @@ def check_plot_path(path: str) -> None:
                           "pip install 'convbn-fx[plot]' (or pip install matplotlib).")
 
 
-def _figure(panels: int):
+def _figure(panels: int, width: float = 4.8):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-    fig = Figure(figsize=(4.8 * panels + 0.6, 3.8), layout="constrained")
+    fig = Figure(figsize=(width * panels + 1.6, 3.8), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     return fig, list(axes)
 
@@ -73,7 +73,10 @@ def _stacked_peaks(ax, m: Measurement) -> None:
     ax.bar_label(totals, labels=[format(v, fmt) for v in bottom])
     ax.margins(y=0.12)
     ax.set_ylabel(f"peak tensor memory, {name}" + (" (estimated)" if m.estimated else ""))
-    ax.legend(fontsize="small", loc="upper right")
+    # Beside the bars, never over a label; top category first, as stacked.
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
 
 
 def _time_bars(ax, m: Measurement) -> None:
@@ -82,10 +85,11 @@ def _time_bars(ax, m: Measurement) -> None:
     med = [r.modes[k].step_s * 1e3 for k in modes]
     lo = [med[i] - r.modes[k].step_range_s[0] * 1e3 for i, k in enumerate(modes)]
     hi = [r.modes[k].step_range_s[1] * 1e3 - med[i] for i, k in enumerate(modes)]
-    bars = ax.bar(modes, med, color=[COLORS.get(k, "C0") for k in modes], yerr=[lo, hi],
-                  capsize=4, ecolor="black")
-    ax.bar_label(bars, fmt="%.1f", label_type="center")
-    ax.set_ylabel(f"step time, ms (median of {m.steps}; bars: min–max)")
+    # The median goes under the bar, where the min-max whisker cannot cross it.
+    ticks = [f"{k}\n{v:.1f} ms" for k, v in zip(modes, med)]
+    ax.bar(ticks, med, color=[COLORS.get(k, "C0") for k in modes], yerr=[lo, hi], capsize=4,
+           ecolor="black")
+    ax.set_ylabel(f"step time, ms (median of {m.steps}, min–max)")
 
 
 def _against_batch(ax, m: Measurement, field: str) -> None:
@@ -151,7 +155,7 @@ def plot_measurement(m: Measurement, path: str) -> None:
 def plot_fit(fit: FitResult, path: str) -> None:
     """Write the estimates a `--fit` search made, against the batch, with the budget line."""
     check_plot_path(path)
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = _figure(1, width=6.4)
     name, unit, fmt = memory_unit(fit.budget)
     for f in fit.modes.values():
         points = sorted(f.probes.items())
@@ -171,5 +175,6 @@ def plot_fit(fit: FitResult, path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(loc="lower right")
     fig.suptitle(f"{fit.spec}: {fit.state}, input Bx{'x'.join(map(str, fit.sample_shape))}, "
-                 f"{fit.device}, largest B within {format_size(fit.budget)}")
+                 f"{fit.device}\nlargest B within {format_size(fit.budget)}, estimated",
+                 fontsize="medium")
     fig.savefig(path)
