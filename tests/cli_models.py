@@ -1,9 +1,10 @@
 """Small models for tests/test_cli.py and test_measure.py, importable as `cli_models:NAME`.
 
 `skippy` has one block of each kind the report must list as skipped, next to two that fold;
-`tiny` is what `convbn-fx measure` is tested on; `oom_from_batch_4` runs out of memory (on
-purpose) in training steps from batch 4; the other callables are bad input for the CLI's
-exit-status tests.
+`tiny` is what `convbn-fx measure` is tested on, `partly_frozen` the same with its first block
+frozen (Deploy-lowered, MemTracker's frozen-parameter case); `oom_from_batch_4` runs out of
+memory (on purpose) in training steps from batch 4; `data_dependent` cannot run on fake
+tensors; the other callables are bad input for the CLI's exit-status tests.
 """
 
 import torch
@@ -50,6 +51,24 @@ def tiny() -> nn.Module:
         nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def partly_frozen() -> nn.Module:
+    """`tiny` with its first conv→BN block frozen: tune_mode lowers it to Deploy (a folded
+    weight cached between calls) and the second to Tune."""
+    model = tiny()
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    return model
+
+
+class _KeepPositive(nn.Module):
+    def forward(self, x):
+        return x[x > 0]    # boolean indexing: nonzero, whose output size depends on the data
+
+
+def data_dependent() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), _KeepPositive())
 
 
 class _AllocationLimit(nn.Module):

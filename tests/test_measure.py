@@ -1,42 +1,64 @@
-"""`convbn-fx measure`: tables, JSON, saved bytes against testing.saved_tensor_bytes, the
-progress bar, the plot, and every bad input as exit 2 with one sentence.
+"""`convbn-fx measure`: tables, JSON, saved bytes against testing.saved_tensor_bytes, exact
+peaks against bytes counted by hand, `--estimate` against the exact peak, `--fit` against
+the estimates at its answer, the progress bar, the plot, and every bad input as exit 2 with
+one sentence.
 
-Runs on `cli_models:tiny` (two conv→BN blocks) at tiny inputs, in-process with `--no-peak`
-unless the test is about the fresh-process peak. Figures that depend on the machine (peak
-memory, step time) are checked for presence only; saved bytes are deterministic and checked
-exactly.
+Runs on `cli_models:tiny` (two conv→BN blocks) at tiny inputs, in-process, with `--no-peak`
+unless the test is about the peak. Figures that depend on the machine (step time, a
+process's resident set) are checked for presence only; saved bytes and peaks are
+deterministic and checked exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import convbn_fx
-from convbn_fx.tools import cli, measure
-from convbn_fx.tools.options import SCHEMA_VERSION
+from convbn_fx.kernels.frozen import frozen_fold
+from convbn_fx.tools import cli, fit, measure, peak, progress
+from convbn_fx.tools.fake import estimate_peak
+from convbn_fx.tools.options import MEASURE_SCHEMA_VERSION
 from convbn_fx.tools.specs import build_model
+from convbn_fx.tools.steps import example_input, make_variant, prepared_model, training_step
+from convbn_fx.tools.tensor_peak import tensor_peak
 from convbn_fx.tools.testing import finetune_state, saved_tensor_bytes
 
 TESTS = Path(__file__).resolve().parent
 TINY = "cli_models:tiny"
 FAST = ["--steps", "1", "--no-peak"]
-MODE_KEYS = ["mode", "blocks", "saved_bytes", "saved_mib", "peak_mib", "step_ms",
-             "max_abs_diff", "ratio_to_eval", "error"]
+MODE_KEYS = ["mode", "blocks", "saved_bytes", "saved_mib", "peak_bytes", "peak_mib",
+             "peak_by_category", "peak_growth_bytes", "process_peak_mib", "step_ms",
+             "step_ms_min", "step_ms_max", "step_time_in_noise", "max_abs_diff", "ratio_to_eval",
+             "error"]
 
 
 @pytest.fixture(autouse=True)
 def _cli_models_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny steps on a shared machine: a second thread only waits for the neighbours' load
+    # (4x slower here). Nothing asserted depends on it: bytes are the same on any thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -65,7 +87,8 @@ def test_table(capsys):
     lines = out.splitlines()
     assert lines[0] == "convbn-fx measure: cli_models:tiny (Sequential), state finetune, " \
                        "input 2x3x16x16, cpu"
-    assert lines[2].split()[:4] == ["mode", "blocks", "saved", "MiB"]
+    assert lines[2].split() == ["mode", "blocks", "saved", "MiB", "×Eval", "step", "ms",
+                                "min–max", "×Eval", "max", "Δ", "out"]
     rows = {line.split()[0]: line.split() for line in lines[4:7]}
     assert list(rows) == ["eval", "tune", "deploy"]
     assert rows["eval"][1:3] == ["2", "eval"] and rows["eval"][4] == "1.00"
@@ -77,11 +100,11 @@ def test_table(capsys):
 
 def test_json_matches_saved_tensor_bytes(capsys):
     data = measure_json(capsys, TINY, "--input", "2x3x16x16", *FAST)
-    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["schema_version"] == MEASURE_SCHEMA_VERSION
     assert list(data) == ["schema_version", "spec", "model", "state", "device", "compiled",
-                          "steps", "peak_memory", "machine", "inputs", "errors"]
-    assert (data["state"], data["device"], data["peak_memory"], data["errors"]) == \
-        ("finetune", "cpu", None, [])
+                          "steps", "peak_memory", "process_peak", "machine", "inputs", "errors"]
+    assert (data["state"], data["device"], data["peak_memory"], data["process_peak"],
+            data["errors"]) == ("finetune", "cpu", None, None, [])
     assert data["inputs"][0]["shape"] == [2, 3, 16, 16]
     modes = by_mode(data)
     assert list(modes) == ["eval", "tune", "deploy"]
@@ -99,8 +122,9 @@ def test_json_matches_saved_tensor_bytes(capsys):
     for k, m in modes.items():
         assert m["ratio_to_eval"]["saved"] == pytest.approx(expected[k] / expected["eval"])
         assert m["saved_mib"] == pytest.approx(expected[k] / 2**20)
-        assert m["step_ms"] > 0 and m["ratio_to_eval"]["step_time"] > 0
-        assert m["peak_mib"] is None and m["error"] is None
+        assert 0 < m["step_ms_min"] == m["step_ms"] == m["step_ms_max"]  # --steps 1
+        assert m["ratio_to_eval"]["step_time"] > 0 and m["step_time_in_noise"] is None
+        assert m["peak_mib"] is None and m["peak_by_category"] is None and m["error"] is None
         # Same dropout masks in every mode: only rounding separates them from the original.
         assert 0 <= m["max_abs_diff"] < 1e-5
 
@@ -180,8 +204,183 @@ def test_out_of_memory_table(capsys):
     assert code == 2 and err.count("\n") == 1
     rows = out.splitlines()[4:7]
     # The output check runs without grad, so it is measured; the training figures are not.
-    assert all(row.split()[3:9] == ["—"] * 6 and row.split()[9] != "—" for row in rows), out
+    assert all(row.split()[3:8] == ["—"] * 5 and row.split()[8] != "—" for row in rows), out
     assert "not measured: input 4x3x8x8, tune: out of memory" in out
+
+
+# -- exact peaks: the tensors alive at the step's peak, in bytes -----------------------------
+
+
+def test_exact_peak_is_the_bytes_counted_by_hand():
+    """One Linear layer (no bias), one SGD step: the peak is in backward, when the gradient
+    of the output (B x O) and of the weight (O x I, still a temporary: the tracker files it as
+    a gradient only once it is accumulated) are alive next to the weight, the input and the
+    two loss scalars (the mean, and 0 + mean from sum())."""
+    for batch, inputs, outputs in [(8, 32, 16), (64, 256, 512), (4, 1024, 8)]:
+        net = torch.nn.Linear(inputs, outputs, bias=False)
+        x = torch.randn(batch, inputs)
+        peak = tensor_peak(training_step(net, x), net, x)
+        weight, grad_out, scalars = 4 * outputs * inputs, 4 * batch * outputs, 2 * 4
+        assert peak == {"parameters": weight, "buffers": 0, "gradients": 0, "optimizer": 0,
+                        "activations": scalars, "temporaries": grad_out + weight,
+                        "input": x.nbytes,
+                        "total": weight + x.nbytes + scalars + grad_out + weight}
+
+
+def test_exact_peak_categories_and_repeatability(capsys):
+    argv = (TINY, "--input", "2x3x16x16", "--steps", "1")
+    first, second = measure_json(capsys, *argv), measure_json(capsys, *argv)
+    assert first["peak_memory"] == "tensors"
+    model = finetune_state(build_model(TINY))
+    for mode, m in by_mode(first).items():
+        assert m == {**by_mode(second)[mode], **{k: m[k] for k in m if k.startswith("step")},
+                     "ratio_to_eval": m["ratio_to_eval"]}   # identical but for the clock
+        cats = m["peak_by_category"]
+        assert sum(cats.values()) == m["peak_bytes"] == round(m["peak_mib"] * 2**20)
+        net = make_variant(model, mode)
+        assert cats["parameters"] == sum(p.nbytes for p in net.parameters())
+        assert cats["buffers"] == sum(b.nbytes for b in net.buffers())
+        assert cats["input"] == 2 * 3 * 16 * 16 * 4 and cats["optimizer"] == 0
+        assert m["peak_growth_bytes"] == m["peak_bytes"] - cats["parameters"] - \
+            cats["buffers"] - cats["input"]
+    modes = by_mode(first)
+    # Tune keeps one activation per block where Eval keeps two (conv output and BN input).
+    assert modes["tune"]["peak_by_category"]["activations"] < \
+        modes["eval"]["peak_by_category"]["activations"]
+
+
+@pytest.mark.parametrize("mode", ["eval", "tune", "deploy"])
+def test_one_tracked_step_is_enough(mode):
+    """A second step peaks at the same bytes: no gradient is alive at a step's start, the SGD
+    keeps no state, and tune's cached fold (of the frozen block) is made in the first."""
+    net = make_variant(prepared_model("cli_models:partly_frozen"), mode)
+    x = example_input((2, 3, 16, 16))
+    one, two = (copy.deepcopy(net), copy.deepcopy(net))
+    assert tensor_peak(training_step(one, x), one, x) == \
+        tensor_peak(training_step(two, x), two, x, steps=2)
+
+
+def test_frozen_parameters_are_tracked():
+    """MemTracker raises on frozen parameters unless told; tune lowers the frozen block to
+    Deploy, whose folded weight (cached between calls) is an activation of the peak."""
+    model = prepared_model("cli_models:partly_frozen")
+    net = make_variant(model, "tune")
+    x = example_input((2, 3, 16, 16))
+    peak = tensor_peak(training_step(net, x), net, x)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert len(trainable) < len(list(net.parameters()))
+    assert peak["parameters"] == sum(p.nbytes for p in net.parameters())
+    assert peak["gradients"] <= sum(p.nbytes for p in trainable)
+
+
+# -- --estimate: the same step on fake tensors ---------------------------------------------
+
+
+def test_estimate_equals_the_exact_peak(capsys):
+    exact = measure_json(capsys, TINY, "--sweep-batch", "1,3", "--size", "16", "--steps", "1")
+    estimated = measure_json(capsys, TINY, "--sweep-batch", "1,3", "--size", "16",
+                             "--estimate")
+    assert estimated["peak_memory"] == "estimated"
+    for i in range(2):
+        for mode, m in by_mode(estimated, i).items():
+            assert m["peak_by_category"] == by_mode(exact, i)[mode]["peak_by_category"]
+            assert m["saved_bytes"] is None and m["step_ms"] is None
+
+
+def test_estimate_of_a_partly_frozen_model():
+    """Within a few percent: on fake tensors tune_mode refolds a frozen block on every call
+    (it caches only real weights), so the estimate lacks exactly that folded weight."""
+    model = prepared_model("cli_models:partly_frozen")
+    net = make_variant(model, "tune")
+    x = example_input((2, 3, 16, 16))
+    fresh = copy.deepcopy(net)
+    exact = tensor_peak(training_step(fresh, x), fresh, x)
+    estimate = estimate_peak(net, tuple(x.shape))
+    conv = model[0]
+    folded = conv.weight.nbytes + conv.out_channels * 4   # W·s and b'
+    assert exact["total"] - estimate["total"] == exact["activations"] - \
+        estimate["activations"] == folded
+    assert estimate["total"] == pytest.approx(exact["total"], rel=0.02)
+
+
+def test_estimate_at_a_size_too_big_to_run(capsys):
+    # 4096 x 3 x 1024 x 1024 floats would be 48 GiB for the input alone.
+    data = measure_json(capsys, TINY, "--input", "4096x3x1024x1024", "--modes", "tune",
+                        "--estimate")
+    modes = by_mode(data)
+    assert modes["eval"]["peak_by_category"]["input"] == 4096 * 3 * 1024 * 1024 * 4
+    assert modes["tune"]["ratio_to_eval"]["peak"] < 0.8
+    code, out, err = run(capsys, TINY, "--input", "4096x3x1024x1024", "--estimate")
+    assert "peak GiB" in out and "estimated" in out.splitlines()[0]
+    assert "not the CUDA caching allocator's reserve and fragmentation" in " ".join(out.split())
+
+
+def test_fake_tensors_are_not_cached_by_frozen_fold():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = [torch.randn(8, 3, 3, 3), torch.randn(8), torch.randn(8), torch.rand(8) + 0.5,
+            torch.randn(8), torch.randn(8)]
+    assert frozen_fold(*real, 1e-5)[0] is frozen_fold(*real, 1e-5)[0]   # cached
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(t) for t in real]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # FakeTensor.data_ptr() warns (and will raise)
+        with mode:
+            first, second = frozen_fold(*fakes, 1e-5), frozen_fold(*fakes, 1e-5)
+    assert first[0] is not second[0] and first[0].shape == (8, 3, 3, 3)
+
+
+# -- --fit: the largest batch whose estimate fits -------------------------------------------
+
+
+def test_largest_batch_search():
+    for budget in range(1, 3000, 41):
+        for curve in (lambda b: 100 + 7 * b, lambda b: 3 * b * b + b, lambda b: 50 * b):
+            batch, probes = fit.largest_batch(curve, budget)
+            if batch is None:
+                assert curve(1) > budget and list(probes) == [1]
+            else:
+                assert curve(batch) <= budget < curve(batch + 1)
+                assert batch in probes and batch + 1 in probes
+    assert fit.largest_batch(lambda b: b, 10**9, limit=64)[0] == 64
+    # an affine peak (a CNN step, nearly): four estimates
+    assert len(fit.largest_batch(lambda b: 1000 + 37 * b, 10**6)[1]) == 4
+
+
+def test_fit(capsys):
+    code, out, err = run(capsys, TINY, "--size", "16", "--fit", "4MiB")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].endswith("input Bx3x16x16, cpu, largest B within 4 MiB")
+    found = [line.split()[:3] for line in lines[2:5]]
+    assert [(mode, word) for mode, word, _ in found] == \
+        [("eval:", "batch"), ("tune:", "batch"), ("deploy:", "batch")]
+    model = prepared_model(TINY)
+    for mode, _, batch in found:
+        net = make_variant(model, mode.rstrip(":"))
+        at, above = (estimate_peak(net, (b, 3, 16, 16))["total"]
+                     for b in (int(batch), int(batch) + 1))
+        assert at <= 4 * 2**20 < above, mode    # the largest that fits, the next does not
+    assert int(found[1][2]) > int(found[0][2])  # Tune fits a bigger batch than Eval
+
+
+def test_fit_json_and_nothing_fits(capsys):
+    data = measure_json(capsys, TINY, "--size", "16", "--fit", "120KiB", "--modes", "eval")
+    (m,) = data["modes"]
+    assert (data["budget_bytes"], data["sample_shape"], data["peak_memory"]) == \
+        (120 * 2**10, [3, 16, 16], "estimated")
+    assert m["batch"] is None and m["peak_bytes"] is None
+    assert m["next_batch_peak_bytes"] == int(m["probes"]["1"]) > 120 * 2**10
+    code, out, err = run(capsys, TINY, "--size", "16", "--fit", "120KiB", "--modes", "eval")
+    assert code == 0 and "eval: nothing fits (batch 1 needs" in out
+
+
+def test_data_dependent_model_cannot_be_estimated(capsys):
+    check_bad_input(capsys, ["cli_models:data_dependent", "--input", "2x3x8x8", "--estimate"],
+                    "runs an operation whose output size depends on the data "
+                    "(aten.nonzero.default;")
+    code, out, err = run(capsys, "cli_models:data_dependent", "--input", "2x3x8x8", *FAST)
+    assert code == 0   # measured for real, it runs
 
 
 # -- bad input: exit 2, one sentence, nothing on stdout ------------------------------------
@@ -203,11 +402,31 @@ BAD_INPUT = [
     pytest.param(["--plot", "figure.gif"], "cannot tell the image type of 'figure.gif'",
                  id="bad-plot-type"),
     pytest.param(["--format", "xml"], "invalid choice: 'xml'", id="bad-format"),
+    pytest.param(["--fit", "24"], "argument --fit: expected a memory size with a unit, like "
+                 "24GiB (2^30 bytes) or 80GB (10^9 bytes), got '24'", id="fit-no-unit"),
+    pytest.param(["--fit", "24G"], "got '24G'", id="fit-which-gigabyte"),
+    pytest.param(["--fit", "lots"], "got 'lots'", id="fit-not-a-size"),
+    pytest.param(["--fit", "24GiB", "--batch", "8"], "--fit searches the batch size",
+                 id="fit-and-batch"),
+    pytest.param(["--fit", "24GiB", "--compile"], "which --compile cannot go with",
+                 id="fit-and-compile"),
+    pytest.param(["--estimate", "--compile"], "drop --compile or --estimate",
+                 id="estimate-and-compile"),
+    pytest.param(["--estimate", "--no-peak"], "--no-peak skips it", id="estimate-no-peak"),
+    pytest.param(["--estimate", "--process-peak"], "pass one of them",
+                 id="estimate-and-process-peak"),
+    pytest.param(["--plot", "no/such/folder/m.png"], "cannot write the plot to "
+                 "'no/such/folder/m.png': the folder 'no/such/folder' does not exist",
+                 id="plot-missing-folder"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUT)
-def test_bad_input_is_one_sentence(capsys, argv, message):
+def test_bad_input_is_one_sentence(capsys, monkeypatch, argv, message):
+    if "does not accept" not in message:   # found before anything is built or measured
+        def no_building(*args, **kwargs):
+            raise AssertionError("measured before checking its arguments")
+        monkeypatch.setattr(measure, "prepared_model", no_building)
     check_bad_input(capsys, [TINY, *argv], message)
 
 
@@ -248,13 +467,18 @@ def test_plot_without_matplotlib(capsys, monkeypatch, tmp_path):
 # -- the plot ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sweep", [[], ["--sweep-batch", "1,2"]], ids=["bars", "sweep"])
-def test_plot_writes_a_png(capsys, tmp_path, sweep):
+PLOTS = [pytest.param(["--input", "1x3x8x8", "--steps", "3"], id="bars"),
+         pytest.param(["--size", "8", "--sweep-batch", "1,2", "--no-peak"], id="sweep"),
+         pytest.param(["--size", "8", "--sweep-batch", "1,2", "--estimate"], id="sweep-estimate"),
+         pytest.param(["--size", "8", "--fit", "1MiB"], id="fit")]
+
+
+@pytest.mark.parametrize("argv", PLOTS)
+def test_plot_writes_a_png(capsys, tmp_path, argv):
     pytest.importorskip("matplotlib")
     path = tmp_path / "measure.png"
-    shape = ["--size", "8"] if sweep else ["--input", "1x3x8x8"]
-    code, out, err = run(capsys, TINY, *shape, *sweep, "--plot", str(path), *FAST)
-    assert (code, err) == (0, "")
+    code, out, err = run(capsys, TINY, *argv, "--plot", str(path))
+    assert (code, err) == (0, f"convbn-fx: wrote the plot to {path}\n")
     data = path.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -267,36 +491,67 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize("tty,quiet,drawn", [(True, False, True), (True, True, False),
-                                             (False, False, False)],
-                         ids=["tty", "tty-quiet", "not-a-tty"])
-def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, tty, quiet, drawn):
+@pytest.mark.parametrize("tty,quiet,drawn,tqdm", [(True, False, True, True),
+                                                  (True, False, True, False),
+                                                  (True, True, False, False),
+                                                  (False, False, False, False)],
+                         ids=["tty-tqdm", "tty-plain", "tty-quiet", "not-a-tty"])
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, tty, quiet, drawn, tqdm):
+    if tqdm and not progress.have_tqdm():
+        pytest.skip("tqdm is not installed")
     monkeypatch.setenv("COLUMNS", "200")   # no line cut short
+    monkeypatch.setattr(progress, "have_tqdm", lambda: tqdm)
     stderr = FakeTerminal() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
-    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.0)   # draw from the first step
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.0)   # draw from the first phase
     code = cli.main(["measure", TINY, "--input", "1x3x8x8", "--steps", "2", "--no-peak"]
                     + (["-q"] if quiet else []))
     assert code == 0
     text = stderr.getvalue()
-    if drawn:
-        # eval, tune, deploy: output check, saved bytes, warm-up and 2 steps each.
-        assert "measure cli_models:tiny [####################] 15/15 steps  deploy: timing" \
-            in text
-        assert " 3/15 steps  tune: output check" in text
-        assert text.endswith("\r")   # erased again before the table
-    else:
+    if not drawn:
         assert text == ""
+        return
+    # Build, 3 rewrites, the reference output; then per mode: output check, saved bytes,
+    # a warm-up and the 2 steps asked for (named as such: "timed step 2/2").
+    assert "measure cli_models:tiny" in text
+    assert " 0/20 " in text and "building cli_models:tiny" in text
+    assert " 1/20 " in text and "eval: rewriting" in text
+    assert "tune: output check" in text and "deploy: timed step 2/2" in text
+    assert " 20/20 " in text and "done" in text
+    clock = r"\[\d\d:\d\d<" if tqdm else r" \d:\d\d<\d:\d\d "   # elapsed<left
+    assert re.search(clock, text), text
+    assert text.endswith("\r") or text.endswith("\x1b[A") or "\r" in text[-300:]  # erased
+
+
+@pytest.mark.parametrize("tqdm", [True, False], ids=["tqdm", "plain"])
+def test_progress_bar_draws_during_a_long_phase(monkeypatch, tqdm):
+    """Nothing before `delay`; then redrawn by its own thread while a phase goes on."""
+    if tqdm and not progress.have_tqdm():
+        pytest.skip("tqdm is not installed")
+    stream = FakeTerminal()
+    bar = progress.ProgressBar("measure x", stream, delay=0.2, tick=0.02, use_tqdm=tqdm)
+    bar(0, 4, "building x")   # before the delay: nothing yet
+    assert stream.getvalue() == ""
+    for _ in range(500):      # at most 5 s on a loaded machine
+        if bar.drawn:
+            break
+        time.sleep(0.01)
+    bar.close()
+    text = stream.getvalue()
+    assert "measure x" in text and "0/4" in text and "building x" in text
 
 
 def test_progress_bar_on_a_real_terminal():
-    """End to end on a pseudo-terminal, with the fresh-process peak (a few seconds)."""
+    """End to end on a pseudo-terminal: the real entry point, drawing from the start."""
     main, secondary = pty.openpty()
-    env = {**os.environ, "COLUMNS": "200",
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1",   # as _one_thread
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    proc = subprocess.Popen([sys.executable, "-m", "convbn_fx", "measure", TINY, "--input",
-                             "1x3x8x8", "--modes", "tune", "--steps", "2", "--format", "json"],
-                            stdout=subprocess.PIPE, stderr=secondary, env=env, cwd=TESTS)
+    argv = ["measure", TINY, "--input", "1x3x8x8", "--modes", "tune", "--steps", "2",
+            "--format", "json"]
+    code = ("import sys; from convbn_fx.tools import cli; cli.PROGRESS_DELAY = 0.0; "
+            f"sys.exit(cli.main({argv!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=secondary, env=env, cwd=TESTS)
     os.close(secondary)
     chunks = []
     while True:   # read the terminal while the process runs (a full pty would block it)
@@ -316,12 +571,24 @@ def test_progress_bar_on_a_real_terminal():
     os.close(main)
     terminal = b"".join(chunks).decode()
     assert proc.returncode == 0, terminal
-    assert "measure cli_models:tiny [" in terminal
-    assert "12/12 steps  tune: timing" in terminal  # 2 modes x (check, saved, peak, 1 + 2 steps)
-    data = json.loads(out)
-    assert data["peak_memory"] == "rss_growth"
-    assert all(isinstance(m["peak_mib"], float) and m["peak_mib"] >= 0
-               for m in by_mode(data).values())
+    assert "measure cli_models:tiny" in terminal and "building cli_models:tiny" in terminal
+    # build, 2 rewrites, the reference; 2 modes x (check, saved, exact peak, warm-up, 2 steps)
+    assert "16/16" in terminal and "tune: exact peak" in terminal
+    assert all(m["peak_bytes"] > 0 for m in by_mode(json.loads(out)).values())
+
+
+def test_process_peak_column(capsys, monkeypatch):
+    monkeypatch.setattr(measure, "peak_memory", lambda spec, mode, *a: (12.5, None))
+    data = measure_json(capsys, TINY, "--input", "1x3x8x8", "--steps", "1", "--process-peak")
+    assert data["process_peak"] == "rss_growth"
+    assert {m["process_peak_mib"] for m in by_mode(data).values()} == {12.5}
+    code, out, err = run(capsys, TINY, "--input", "1x3x8x8", "--steps", "1", "--process-peak")
+    assert out.splitlines()[2].split()[8:10] == ["RSS", "MiB"] and "fresh process" in out
+
+
+def test_process_peak_in_a_fresh_process():
+    mib, error = peak.peak_memory(TINY, "tune", (1, 3, 8, 8))
+    assert error is None and isinstance(mib, float) and mib >= 0
 
 
 def test_help(capsys):
@@ -329,3 +596,5 @@ def test_help(capsys):
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert "convbn-fx measure resnet50 --batch 8" in out and "--sweep-batch" in out
+    assert "--estimate" in out and "--fit SIZE" in out and "convbn-fx measure resnet50 --fit " \
+        "24GiB --estimate" in out

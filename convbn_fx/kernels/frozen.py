@@ -3,12 +3,14 @@
 Deploy is right only when no gradient must reach the block's parameters; folding on every
 call would waste the weight-sized work, so the result is cached per conv weight and refolded
 whenever one of its tensors changes (an optimizer step, `load_state_dict`, `copy_`, `.to()`),
-so it is never stale.
+so it is never stale. Fake tensors (`convbn-fx measure --estimate`, a fake-mode trace) are
+folded on every call and never cached: they have no storage to stamp.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .fold import fold
@@ -45,9 +47,10 @@ def frozen_fold(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Ten
     """
     tensors = (weight, bias, mean, var, gamma, beta)
     if (not cache or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.is_inference_mode_enabled()):
+            or torch.is_inference_mode_enabled() or is_fake(weight)):
         # Compilers constant-fold this themselves; inference tensors must not be cached, as
-        # they cannot be used later outside inference mode.
+        # they cannot be used later outside inference mode; a fake tensor's data_ptr() (in the
+        # stamp) is deprecated and will raise.
         with torch.no_grad():
             return fold(*tensors, eps, transposed, groups)
     per_weight = _FROZEN.setdefault(weight, {})

@@ -5,9 +5,10 @@ it builds the model with random weights, puts it in the state it will train in, 
 with `tune_mode` and prints `describe()` as tables; `--expect N` and `--fail-on-skip` turn
 the report into a check.
 `measure` answers the question a user asks before adopting Tune mode: how much memory and time
-it saves on their model at their input size (convbn_fx.measure does the measuring; this only
-parses and prints). Exit status: 0 ok, 1 expectation missed, 2 bad input (one sentence on
-stderr, no traceback), 3 an internal error (with its traceback).
+it saves on their model at their input size, and how much bigger a batch fits (measure.py and
+fit.py do the measuring; this only parses and prints). Exit status: 0 ok, 1 expectation
+missed, 2 bad input (one sentence on stderr, no traceback), 3 an internal error (with its
+traceback).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from ..vocabulary.errors import ConvBNError
 from . import measure as measuring
+from .fit import fit_batches, parse_size
+from .measure_table import format_fit_json, format_fit_text
 from .measure_table import format_json as format_measure_json
 from .measure_table import format_text as format_measure_text
 from .options import FORMATS, STATES
@@ -70,21 +73,30 @@ more:
 """
 
 MEASURE_EPILOG = SPEC_HELP + """
-For each mode, one training step (--state finetune: model.train() with BN frozen, SGD with
-lr=0) or one inference step (--state frozen): saved-for-backward MiB, peak memory (CPU: growth
-of resident memory in a fresh process; CUDA: max_memory_allocated), median step time over
-interleaved steps, each also as a ratio to eval; the rewrite counts; the largest output
+For each mode, training steps (--state finetune: model.train() with BN frozen; each step is
+zero_grad(set_to_none=True), forward, backward, SGD with lr=0) or inference steps (--state
+frozen): saved-for-backward MiB; the peak, the tensor memory alive at the highest point of
+the step by category (parameters, gradients, activations, ...; torch's MemTracker, the same
+bytes every run; the input batch is counted); every step's time over interleaved steps
+(median and min-max); each also as a ratio to eval; the rewrite counts; the largest output
 difference to the unrewritten model. Modes: eval (the unrewritten computation, the
 reference), tune (tune_mode(model): what you would write), deploy (deploy_mode: BN folded into
 new weights; for inference, unstable to train).
+
+--estimate runs the same steps on fake tensors: the peak at any batch and input size in
+seconds, without the memory or the compute. It counts tensor memory only: not the CUDA
+caching allocator's reserve or fragmentation, cuDNN workspaces or the CUDA context.
+--fit SIZE searches, on estimates, the largest batch per mode whose peak fits in SIZE.
 
 exit status: 0 ok, 2 bad input or a mode that ran out of memory (the other figures are still
 printed), 3 internal error.
 
 examples:
   convbn-fx measure resnet50 --batch 8
+  convbn-fx measure resnet50 --batch 64 --estimate
+  convbn-fx measure resnet50 --fit 24GiB --estimate
   convbn-fx measure timm/efficientnet_b0 --input 8x3x224x224 --modes tune
-  convbn-fx measure resnet50 --sweep-batch 4,8,16,32 --plot memory.png
+  convbn-fx measure resnet50 --sweep-batch 4,8,16,32 --estimate --plot memory.png
   convbn-fx measure myproj.models:build --state frozen --format json > measure.json
 """
 
@@ -133,6 +145,13 @@ def _batches(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",")]
     bad = [m for m in modes if m not in measuring.MODES]
@@ -144,7 +163,8 @@ def _modes(text: str) -> list[str]:
 
 def _add_measure(commands) -> None:
     measure = commands.add_parser(
-        "measure", help="what Tune saves on a model: saved MiB, peak memory, step time",
+        "measure", help="what Tune saves on a model: peak memory by category, step time; "
+                        "estimates at any batch; the largest batch that fits",
         description="Measure one training step of a model in Eval, Tune and Deploy mode.",
         epilog=MEASURE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     measure.add_argument("spec", metavar="SPEC",
@@ -170,8 +190,20 @@ def _add_measure(commands) -> None:
                          help="where to run (default: cuda if available, else cpu)")
     measure.add_argument("--steps", type=_positive, default=5, metavar="N",
                          help="timed steps per mode, after a warm-up step (default: 5)")
-    measure.add_argument("--no-peak", action="store_true",
-                         help="skip the peak-memory figure (saves a fresh process per mode)")
+    memory = measure.add_argument_group("memory")
+    memory.add_argument("--estimate", action="store_true",
+                        help="estimate the peak on fake tensors: any batch and size in seconds, "
+                             "nothing timed (tensor memory only: no allocator cache, cuDNN "
+                             "workspaces or CUDA context)")
+    memory.add_argument("--fit", type=_size, metavar="SIZE",
+                        help="the largest batch per mode whose estimated peak fits in SIZE, "
+                             "e.g. 24GiB or 80GB (searches on estimates)")
+    memory.add_argument("--process-peak", action="store_true",
+                        help="also each mode's peak in a fresh process: growth of the "
+                             "resident set on CPU (noisy), max_memory_allocated on CUDA "
+                             "(always measured there)")
+    memory.add_argument("--no-peak", action="store_true",
+                        help="skip every peak-memory figure")
     measure.add_argument("--format", choices=list(FORMATS), default="plain",
                          help="plain text, GitHub markdown or JSON (default: plain)")
     measure.add_argument("--plot", metavar="FILE",
@@ -262,8 +294,23 @@ def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
     return [(b, *shape[1:]) for b in args.sweep_batch] if args.sweep_batch else [shape]
 
 
+def _check_fit(args: argparse.Namespace) -> tuple[int, ...]:
+    """The input shape after the batch, for --fit; a sentence for what cannot go with it."""
+    if args.batch or args.sweep_batch:
+        raise ConvBNError("--fit searches the batch size; drop --batch and --sweep-batch.")
+    for flag, given in (("--compile", args.compile), ("--no-peak", args.no_peak),
+                        ("--process-peak", args.process_peak)):
+        if given:
+            raise ConvBNError(f"--fit searches on estimates (fake tensors), which {flag} "
+                              "cannot go with; drop one of them.")
+    if args.input and args.size:
+        raise ConvBNError("--input and --size both set the input shape; pass one of them.")
+    return tuple(args.input[1:]) if args.input else (3, args.size or 224, args.size or 224)
+
+
 def _run_measure(args: argparse.Namespace) -> int:
-    shapes = _input_shapes(args)
+    sample = _check_fit(args) if args.fit else None
+    shapes = None if args.fit else _input_shapes(args)
     if args.plot:
         from .plot import check_plot_path  # matplotlib only when a plot is asked for
 
@@ -272,22 +319,30 @@ def _run_measure(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"measure {args.spec}", enabled=False if args.quiet else None,
                       delay=PROGRESS_DELAY)
     try:
-        result = measuring.measure(args.spec, shapes, state=args.state, modes=args.modes,
-                                   device=device, compile=args.compile, steps=args.steps,
-                                   peak=not args.no_peak, progress=bar)
+        if args.fit:
+            result = fit_batches(args.spec, sample, args.fit, state=args.state,
+                                 modes=args.modes, device=device, progress=bar)
+        else:
+            result = measuring.measure(
+                args.spec, shapes, state=args.state, modes=args.modes, device=device,
+                compile=args.compile, steps=args.steps, peak=not args.no_peak,
+                estimate=args.estimate, process_peak=args.process_peak or None, progress=bar)
     finally:
         bar.close()
     if args.plot:
-        from .plot import plot_measurement
+        from .plot import plot_fit, plot_measurement
 
-        plot_measurement(result, args.plot)
+        (plot_fit if args.fit else plot_measurement)(result, args.plot)
     if args.format == "json":
-        sys.stdout.write(format_measure_json(result))
+        sys.stdout.write((format_fit_json if args.fit else format_measure_json)(result))
     else:
-        sys.stdout.write(format_measure_text(result, args.format))
+        sys.stdout.write((format_fit_text if args.fit else format_measure_text)(result,
+                                                                                args.format))
     sys.stdout.flush()
-    failed = [f"{f.mode} at {'x'.join(map(str, r.shape))}" for r in result.inputs
-              for f in r.modes.values() if f.error]
+    if args.plot:
+        print(f"{args.prog}: wrote the plot to {args.plot}", file=sys.stderr)
+    failed = [] if args.fit else [f"{f.mode} at {'x'.join(map(str, r.shape))}"
+                                  for r in result.inputs for f in r.modes.values() if f.error]
     if failed:
         print(f"{args.prog}: out of memory, not measured: {', '.join(failed)}; the other "
               "figures are above.", file=sys.stderr)

@@ -1,11 +1,12 @@
-"""How figures are taken: interleaved step times, peak memory in a fresh process.
+"""How figures are taken: interleaved step times, a process's peak memory in a fresh process.
 
 `convbn-fx measure` (convbn_fx.measure) and the scripts in bench/ take their figures the same
-way, so both are built on these few functions. Timing variants one after another (all of A, then all of B) lets a CPU's clock, cache and
-the neighbours' load drift between them; running them round-robin (A B C A B C ...) after a
-warm-up and taking medians spreads that drift evenly. Peak memory is a property of a whole
-process (torch allocates outside Python, so tracemalloc sees nothing): each variant runs in a
-fresh interpreter that reports its peak resident set, and on CUDA `torch.cuda.max_memory_allocated`.
+way, so both are built on these few functions. Timing variants one after another (all of A,
+then all of B) lets a CPU's clock, cache and the neighbours' load drift between them; running
+them round-robin (A B C A B C ...) after a warm-up spreads that drift evenly, and every timed
+call is kept so the spread shows. A process's peak memory (torch allocates outside Python, so
+tracemalloc sees nothing) is taken in a fresh interpreter: its peak resident set, and on CUDA
+`torch.cuda.max_memory_allocated`. (The exact tensor peak is tensor_peak.py's.)
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["default_device", "sync", "interleaved_medians", "rss_mib", "peak_rss_mib",
-           "peak_during", "child_report", "run_child", "ChildFailed", "machine"]
+__all__ = ["default_device", "sync", "interleaved_times", "interleaved_medians", "rss_mib",
+           "peak_rss_mib", "peak_during", "child_report", "run_child", "ChildFailed", "machine"]
 
 _REPORT = "CONVBN_FX_CHILD_REPORT "  # marks the child's one JSON line on stdout
 
@@ -39,28 +40,35 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
-                        warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
-                        before: Callable[[], object] | None = None,
-                        after: Callable[[str], object] | None = None) -> dict[str, float]:
-    """Median seconds per call of each step, called round-robin after `warmup` calls each.
+def interleaved_times(steps: Mapping[str, Callable[[], object]], repeats: int,
+                      warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+                      before: Callable[[], object] | None = None,
+                      after: Callable[[str], object] | None = None,
+                      announce: Callable[[str, int], object] | None = None
+                      ) -> dict[str, list[float]]:
+    """Seconds of every timed call of each step, called round-robin after `warmup` calls each.
 
     `clock=time.process_time` measures CPU time instead of wall time: for single-threaded
     Python work (a graph pass) it is what wall time would be on an idle machine, and it does
     not count the time other processes on a busy machine took the CPU away. `before` runs
     untimed ahead of every timed call (e.g. `gc.collect`); `after(name)` runs after every
-    call, warm-up included (e.g. to advance a progress bar).
+    call, warm-up included; `announce(name, i)` before every call, with i the timed call's
+    index (0 to repeats - 1) or -1 for a warm-up call (e.g. to draw a progress bar).
     """
     names = list(steps)
     for _ in range(warmup):
         for name in names:
+            if announce is not None:
+                announce(name, -1)
             steps[name]()
             if after is not None:
                 after(name)
     sync()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name in names:
+            if announce is not None:
+                announce(name, i)
             if before is not None:
                 before()
             start = clock()
@@ -69,6 +77,15 @@ def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
             times[name].append(clock() - start)
             if after is not None:
                 after(name)
+    return times
+
+
+def interleaved_medians(steps: Mapping[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+                        before: Callable[[], object] | None = None,
+                        after: Callable[[str], object] | None = None) -> dict[str, float]:
+    """Median seconds per call of each step (`interleaved_times`, same arguments)."""
+    times = interleaved_times(steps, repeats, warmup, clock, before, after)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

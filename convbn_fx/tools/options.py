@@ -10,9 +10,11 @@ import torch.nn as nn
 
 from .testing import finetune_state, frozen_state
 
-__all__ = ["STATES", "TABLE_FORMATS", "FORMATS", "SCHEMA_VERSION"]
+__all__ = ["STATES", "TABLE_FORMATS", "FORMATS", "SCHEMA_VERSION", "MEASURE_SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1  # of every --format json output; bump on any incompatible change
+SCHEMA_VERSION = 1  # of `report --format json`; bump on any incompatible change
+# Of `measure --format json`. 2: peaks count tensors (MemTracker), by category; step spread.
+MEASURE_SCHEMA_VERSION = 2
 
 
 def _train(model: nn.Module) -> nn.Module:

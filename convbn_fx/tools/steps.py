@@ -3,7 +3,8 @@
 `convbn-fx measure`, its fresh peak-memory processes and bench/ build and run the variants
 the same way: the model SPEC names with random non-identity BN statistics, in a state;
 `eval` (the unrewritten computation), `tune` (what a user writes, `tune_mode(model)`) and
-`deploy` (`deploy_mode`); one forward + backward + SGD step.
+`deploy` (`deploy_mode`); one step, as TRAINING_STEP says: the gradients are set to None
+before the forward, as `zero_grad()` does by default, so none from an earlier step is alive.
 """
 
 from __future__ import annotations
@@ -25,12 +26,40 @@ from .options import STATES
 from .specs import build_model
 from .testing import output_tensors, randomize_bn, saved_tensor_bytes
 
-__all__ = ["MODES", "MEASURE_STATES", "prepared_model", "make_variant", "block_counts",
+__all__ = ["MODES", "MEASURE_STATES", "TRAINING_STEP", "check_modes", "check_device",
+           "prepared_model", "make_variant", "block_counts",
            "loss_of", "example_input", "training_step", "saved_bytes", "is_out_of_memory",
            "out_of_memory", "compiling", "outputs"]
 
 MODES = ("eval", "tune", "deploy")
 MEASURE_STATES = ("finetune", "frozen")    # of options.STATES: a training step, or inference
+# What `training_step` runs, in words, for the tables and JSON.
+TRAINING_STEP = ("optimizer.zero_grad(set_to_none=True), forward, loss = sum of the outputs' "
+                 "means, backward, SGD step (lr=0)")
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """The modes to measure, in order; Eval, the reference every ratio is taken against,
+    always and first."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ConvBNError(f"unknown mode {mode!r}; measure knows {', '.join(MODES)}.")
+    return ("eval",) + tuple(m for m in MODES if m in modes and m != "eval")
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device, or a sentence: not cpu or cuda, or no CUDA here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConvBNError(f"unknown device {device!r}; use cpu or cuda.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "finds no GPU"
+        raise ConvBNError(f"CUDA is not available: torch {torch.__version__} {why} here; "
+                          "measure on cpu instead.")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConvBNError(f"measure runs on cpu or cuda, not {dev.type}.")
+    return dev
 
 
 def prepared_model(spec: str, state: str = "finetune") -> nn.Module:
