@@ -3,8 +3,8 @@
 Pairs are counted on the plain model with hooks (a norm fed by a conv's output), not by our
 matcher. Every model is checked for float64 algebra (outputs and every gradient to 1e-9) and
 float32 stability; over the set at least 95 % of the pairs must fold. The default run covers
-26 architectures from every family (about half a minute on 2 cores); `-m slow` runs all of
-bench.zoo.FAMILIES.
+26 architectures from every family; `pytest -m slow` (`make test-slow`, run by .ci/run) adds
+the other 11 of bench.zoo.FAMILIES.
 """
 
 import pytest
