@@ -24,8 +24,9 @@ from .pickling import PortableGraph, importable, reduced
 from .tree import has_blocks_inside
 from .tuned import TunedGraphModule
 
-__all__ = ["TunedPart", "Untraceable", "new_part", "original_class", "is_rewritten", "rewritten_graphs", "graph_module_of",
-           "make_part", "attach", "replace_submodules", "rewrite_parts", "shallow_copy"]
+__all__ = ["TunedPart", "Untraceable", "is_rewritten", "rewritten_graphs", "graph_module_of",
+           "make_part", "attach", "replace_submodules", "rewrite_parts", "shallow_copy",
+           "new_part", "original_class"]
 
 
 class Untraceable(Exception):

@@ -30,8 +30,8 @@ import torch.nn as nn
 from ..vocabulary.errors import ConvBNError, exception_summary
 from ..vocabulary.kinds import has_object_state
 
-__all__ = ["NodeRef", "GlobalRef", "PortableGraph", "PickledTuning", "new_instance", "importable",
-           "reduced", "check_picklable"]
+__all__ = ["NodeRef", "GlobalRef", "PortableGraph", "PickledTuning", "new_instance",
+           "importable", "reduced", "check_picklable"]
 
 
 def new_instance(cls: type) -> Any:
