@@ -179,10 +179,22 @@ BAD_INPUT = [
                  id="builder-raises"),
     pytest.param(["report", "cli_models:"], "should look like package.module:callable",
                  id="empty-callable"),
-    pytest.param(["report", SKIPPY, "--mode", "deploy"], "DEPLOY folds bn1 into constant",
+    pytest.param(["report", SKIPPY, "--mode", "deploy"],
+                 "--mode deploy folds BN bn1 into constant weights, but its parameters require "
+                 "grad in --state finetune; use --state frozen, or --mode tune.",
                  id="deploy-while-training"),
+    pytest.param(["report", SKIPPY, "--state", "eval", "--mode", "deploy"],
+                 "grad in --state eval; use --state frozen, or --mode tune.",
+                 id="deploy-in-eval"),
     pytest.param(["report", SKIPPY, "--state", "train", "--mode", "tune"],
-                 "needs running statistics", id="tune-with-batch-stats"),
+                 "--mode tune needs frozen BN, but in --state train BN bn1 normalises with batch "
+                 "statistics; use --state finetune (BN frozen), or --mode auto.",
+                 id="tune-with-batch-stats"),
+    pytest.param(["report", SKIPPY, "--state", "train", "--mode", "deploy"],
+                 "--mode deploy needs frozen BN", id="deploy-with-batch-stats"),
+    pytest.param(["report", SKIPPY, "--state", "train", "--mode", "eval"],
+                 "--mode eval needs frozen BN", id="eval-with-batch-stats"),
+
     pytest.param(["report", SKIPPY, "--state", "bogus"], "invalid choice: 'bogus'",
                  id="bad-state"),
     pytest.param(["report", SKIPPY, "--mode", "auto-ish"], "invalid choice: 'auto-ish'",
@@ -212,6 +224,8 @@ def test_bad_input_is_one_sentence(capsys, argv, message):
     assert err.count("\n") == 1, err          # one line: no usage block, no traceback
     assert err.startswith("convbn-fx") and err.rstrip().endswith((".", "?")), err
     assert message in err
+    for python in ("requires_grad_", "mode='", ".eval()"):  # CLI words, not the library's
+        assert python not in err, err
 
 
 # -- timm SPECs -------------------------------------------------------------------------------

@@ -324,6 +324,22 @@ def test_deepcopy_and_state_dict_round_trip(traced, tmp_path):
     torch.testing.assert_close(as_double(x.double()).float(), tuned(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("given", ["module", "symbolic_trace"])
+def test_whole_model_torch_save_round_trip(traced, tmp_path, given):
+    """The whole object, as training scripts checkpoint it (tests/test_pickle.py has more)."""
+    model, gm = traced
+    tuned = convbn_fx.tune_mode(model if given == "module" else gm)
+    torch.save(tuned, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(loaded, convbn_fx.TunedGraphModule) and loaded.code == tuned.code
+    x = _input(2)
+    torch.testing.assert_close(loaded(x), tuned(x), rtol=0, atol=0)
+    loaded.bn2.train()  # the loaded model follows state: that block runs as Train now
+    assert [i.lowering for i in convbn_fx.describe(loaded)] == [Mode.TUNE, Mode.TRAIN]
+    model.bn2.train()
+    assert_close_to_float64(model, loaded, (x,))
+
+
 def test_readable_code(traced):
     _, gm = traced
     code = convbn_fx.tune_mode(gm).code

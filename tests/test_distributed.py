@@ -16,6 +16,7 @@ ConvBNError sentence says so.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import traceback
@@ -98,7 +99,23 @@ def _run(name: str, model_name: str, rank: int) -> dict:
     x, y = local[STEPS]
     saved = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y))
     lowerings = [i.lowering for i in convbn_fx.describe(inner)]
-    return {"params": params, "saved": saved, "lowerings": lowerings}
+    return {"params": params, "saved": saved, "lowerings": lowerings,
+            "pickle": _pickled(inner, x, call=name == "ddp")}
+
+
+def _pickled(model: nn.Module, x: torch.Tensor, call: bool) -> dict:
+    """torch.save of the whole model: the loaded copy's output, or the error at save."""
+    buf = io.BytesIO()
+    try:
+        torch.save(model, buf)
+    except Exception as exc:
+        return {"error": str(exc), "is_convbn_error": isinstance(exc, convbn_fx.ConvBNError)}
+    if not call:  # a sharded model's forward would wait for the other rank
+        return {"saved": True}
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    return {"same": torch.equal(loaded(x), model(x)),
+            "lowerings": [i.lowering for i in convbn_fx.describe(loaded)]}
 
 
 def _worker(rank: int, model_name: str, port: int, out_dir: str) -> None:
@@ -189,6 +206,23 @@ def test_sharded_model_rewritten_as_a_copy_is_one_convbn_error_sentence(ranks):
     result = ranks[0]["fsdp2-shard-then-tune-copy"]
     assert result.get("is_convbn_error"), result
     assert "inplace=True" in result["error"] and "\n" not in result["error"]
+
+
+def test_the_module_inside_ddp_round_trips_through_torch_save(ranks, single_process):
+    result = _result(ranks, "ddp")["pickle"]
+    assert result.get("same"), result
+    assert result["lowerings"] == [Mode.TUNE] * single_process["blocks"]
+
+
+@pytest.mark.parametrize("name", [
+    "fsdp2-tune-then-shard", "fsdp2-shard-then-tune", "fsdp2-root-only-tune-then-shard",
+    "fsdp2-root-only-shard-then-tune"])
+def test_saving_a_sharded_model_is_one_convbn_error_sentence(ranks, name):
+    """FSDP keeps its state on the module objects, which a pickle cannot carry."""
+    result = _result(ranks, name)["pickle"]
+    assert result.get("is_convbn_error"), result
+    assert "fully_shard" in result["error"] and "state_dict" in result["error"]
+    assert "\n" not in result["error"]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -7,6 +7,7 @@ attributes, properties and methods, so those must all still be there.
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -95,6 +96,21 @@ def test_part_follows_state_and_copies():
     halved = copy.deepcopy(tuned).to(torch.float32)
     assert halved(x.float()).dtype == torch.float32
     assert convbn_fx.tune_mode(tuned) is tuned  # idempotent
+
+
+def test_part_pickles_as_its_class():
+    """A part's class is made at run time; torch.save/pickle carry it as Attention + state."""
+    model = _model()
+    tuned = convbn_fx.tune_mode(model)
+    x = torch.randn(2, 3, 8, 8)
+    tuned(x)  # the failed trace of Parent left a Proxy in attn.resolution; a call resets it
+    loaded = pickle.loads(pickle.dumps(tuned))
+    assert isinstance(loaded.attn, Attention) and isinstance(loaded.attn, convbn_fx.TunedPart)
+    assert loaded.attn.out_channels == 4 and loaded.attn.resolution == 8
+    torch.testing.assert_close(loaded(x), tuned(x), rtol=0, atol=0)
+    loaded.attn.bn.train()
+    assert [i.lowering for i in convbn_fx.describe(loaded)] == [Mode.TRAIN]
+    assert [i.lowering for i in convbn_fx.describe(tuned)] == [Mode.TUNE]
 
 
 class Gated(nn.Module):

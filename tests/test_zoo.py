@@ -3,14 +3,9 @@
 Pairs are counted on the plain model with hooks (a norm fed by a conv's output, or by a
 Linear's, directly or through a view), not by our matcher. Every model is checked for float64
 algebra (outputs and every gradient to 1e-9) and float32 stability; over each zoo's set at
-least 95 % of the pairs must fold. The default run covers 26 timm architectures (and the
-rest of bench.zoo.FAMILIES, marked slow), 15 Hugging Face and 13 MONAI ones (HF_QUICK,
-MONAI_QUICK: about 15 s each on 2 idle cores); `-m slow` also runs the rest of the Hugging Face
-and MONAI zoos.
-
-Expected failures are marked `xfail(strict=True)` with the mechanism that causes them
-(issue #18): a fix that makes one pass turns it into an XPASS failure, so the mark is removed
-with the fix that earns it.
+least 95 % of the pairs must fold. The default run covers 26 timm architectures, 15 Hugging
+Face and 13 MONAI ones (QUICK, HF_QUICK, MONAI_QUICK: about 15 s each on 2 idle cores);
+`pytest -m slow` (`make test-slow`, run by .ci/run) adds the rest of each zoo.
 """
 
 import pytest

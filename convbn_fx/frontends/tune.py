@@ -18,9 +18,9 @@ from ..model.tree import has_blocks_inside
 from ..model.walk import Rewriter
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.errors import ConvBNError, TraceError
-from ..vocabulary.modes import ModeArg, normalize_mode
+from ..vocabulary.modes import Mode, ModeArg, normalize_mode
 
-__all__ = ["tune_mode", "describe", "check_module"]
+__all__ = ["tune_mode", "describe", "check_module", "NOTHING_FOLDS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,18 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
         class. A model without BN that does not trace comes back as it is.
     """
     check_module(model, "tune_mode")
-    walk = Rewriter(normalize_mode(mode), inplace, verify)
+    rule = normalize_mode(mode)
+    tuned = _rewrite(model, rule, inplace, verify)
+    infos = _infos(tuned)
+    _warn_if_nothing_folds(tuned, infos, rule)
+    if log.isEnabledFor(logging.INFO):
+        counts = Counter(str(b.lowering) if b.lowering else "skipped" for b in infos)
+        log.info("convbn_fx rewrote %s: %s", type(tuned).__name__, dict(counts) or "no blocks")
+    return tuned
+
+
+def _rewrite(model: nn.Module, rule, inplace: bool, verify: bool = True) -> nn.Module:
+    walk = Rewriter(rule, inplace, verify)
     try:
         tuned = walk.whole(model)
     except Untraceable as exc:
@@ -69,22 +80,42 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
                 f"with torch.fx ({walk.errors[0]}); make its forward traceable or pass the "
                 "submodule to rewrite.") from None
         log.info("%s traced in parts: %s", type(model).__name__, "; ".join(walk.errors))
-        _log_counts(result)
         return result
     if inplace and isinstance(model, torch.fx.GraphModule) and tuned is not model:
         tuned = tuned.take_over(model)  # keeps the caller's object
     if walk.errors:
         log.info("%s: submodules kept as calls: %s", type(model).__name__,
                  "; ".join(walk.errors))
-    _log_counts(tuned)
     return tuned
 
 
-def _log_counts(model: nn.Module) -> None:
-    if not log.isEnabledFor(logging.INFO):
+# Set on the records below: a view that shows the blocks itself (the CLI) may leave them out.
+NOTHING_FOLDS = "convbn_fx_nothing_folds"
+
+
+def _warn_if_nothing_folds(model: nn.Module, infos: list[BlockInfo], rule) -> None:
+    """One warning when the rewrite saves nothing: silent zero benefit is worse than noise.
+
+    Only at rewrite time (a relowering after a state change is what the user asked for), and
+    only for `auto`: a forced mode or a policy says what the user wants.
+    """
+    if not infos or rule != "auto" or any(i.folded for i in infos):
         return
-    counts = Counter(str(b.lowering) if b.lowering else "skipped" for b in describe(model))
-    log.info("convbn_fx rewrote %s: %s", type(model).__name__, dict(counts) or "no blocks")
+    n = len(infos)
+    blocks = f"{n} conv→BN block{'s' if n != 1 else ''} of {type(model).__name__}"
+    training = sum(i.lowering is Mode.TRAIN for i in infos)
+    if training:
+        which = "their BN layers are" if training == n else f"{training} of them have BN"
+        rest = "" if training == n else "; convbn_fx.describe(model) says why the rest cannot"
+        log.warning(
+            "tune_mode folded none of the %s: %s in training mode (batch statistics), so "
+            "nothing changes; to fine-tune with frozen BN call .eval() on them "
+            "(convbn_fx.tools.testing.finetune_state(model), or for m in model.modules(): if "
+            "isinstance(m, nn.BatchNorm2d): m.eval()) and they fold on the next call%s.",
+            blocks, which, rest, extra={NOTHING_FOLDS: True})
+    else:
+        log.warning("tune_mode could fold none of the %s; convbn_fx.describe(model) gives "
+                    "each block's reason.", blocks, extra={NOTHING_FOLDS: True})
 
 
 def describe(module: nn.Module) -> list[BlockInfo]:
@@ -98,10 +129,15 @@ def describe(module: nn.Module) -> list[BlockInfo]:
     if not graphs:
         if not has_blocks_inside(module):
             return []
-        tuned = tune_mode(module)
+        tuned = _rewrite(module, "auto", inplace=False)  # a dry run: no warning
         return describe(tuned) if tuned is not module else []
+    return _infos(module)
+
+
+def _infos(module: nn.Module) -> list[BlockInfo]:
+    """The blocks of every rewritten graph inside `module`, each listed once."""
     infos = [(info, bool(gm.convbn_tuning.failed) and not gm.convbn_tuning.trusted)
-             for name, gm in graphs for info in gm.block_infos(name)]
+             for name, gm in rewritten_graphs(module) for info in gm.block_infos(name)]
     # A module whose trace did not verify lists its blocks, and the parts its children were
     # rewritten into list them again: the part, which is what runs, says what it runs.
     live = {(i.conv, i.bn) for i, unused in infos if not unused}

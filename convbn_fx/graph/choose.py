@@ -21,7 +21,7 @@ from typing import Callable
 import torch.nn as nn
 
 from ..vocabulary.blocks import Block, BlockInfo
-from ..vocabulary.errors import ModeError
+from ..vocabulary.errors import BATCH_STATISTICS, TRAINABLE, ModeError
 from ..vocabulary.kinds import is_frozen_bn
 from ..vocabulary.modes import Mode
 
@@ -106,17 +106,20 @@ def choose_mode(block: Block, state: BlockState, rule, *, prefix: str = "",
     if wanted is Mode.DEPLOY and state.requires_grad is None:
         raise ModeError("DEPLOY caches folded weights across calls, which a compiled or exported "
                         "graph cannot keep up to date; use mode='tune' (folded on every call).")
-    problem = None
+    problem = conflict = None
     if state.uses_batch_stats and wanted is not Mode.TRAIN:
+        conflict = BATCH_STATISTICS
         problem = (f"{wanted} needs running statistics but BN {block.bn} normalises with "
                    f"batch statistics; call .eval() on it first, or use mode='auto'")
     elif wanted is Mode.DEPLOY and state.requires_grad:
+        conflict = TRAINABLE
         problem = (f"DEPLOY folds {block.bn} into constant weights, so its trainable "
                    f"parameters would get no gradient; freeze them with requires_grad_(False), "
                    f"or use mode='tune'")
     if problem is None:
         return wanted
     if strict:
-        raise ModeError(problem + ".")
+        raise ModeError(problem + ".", mode=wanted, conflict=conflict,
+                        block=f"{prefix}.{block.bn}" if prefix else block.bn)
     log.warning("%s; using %s for this block instead", problem, auto)
     return auto

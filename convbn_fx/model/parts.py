@@ -13,16 +13,20 @@ buffer with it.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterator
 
+import torch.fx
 import torch.nn as nn
 
 from ..vocabulary.kinds import block_types
+from .pickling import PortableGraph, importable, reduced
 from .tree import has_blocks_inside
 from .tuned import TunedGraphModule
 
 __all__ = ["TunedPart", "Untraceable", "is_rewritten", "rewritten_graphs", "graph_module_of",
-           "make_part", "attach", "replace_submodules", "rewrite_parts", "shallow_copy"]
+           "make_part", "attach", "replace_submodules", "rewrite_parts", "shallow_copy",
+           "new_part", "original_class"]
 
 
 class Untraceable(Exception):
@@ -40,6 +44,41 @@ class TunedPart:
         gm.follow_state()
         return gm.forward(*args, **kwargs)
 
+    # A part's class is made at run time, so pickle could not find it by name: a part is
+    # pickled as its original class, its own state and its graph module's (pickling.py).
+
+    def __reduce_ex__(self, protocol):
+        own = dict(self.__getstate__())
+        gm = own.pop("_convbn_part")
+        if isinstance(own.get("_graph"), torch.fx.Graph):  # a part of a GraphModule
+            own["_graph"] = PortableGraph.of(own["_graph"])
+        return reduced(self, new_part, (original_class(type(self)),), (own, gm.__getstate__()))
+
+    def __setstate__(self, state):
+        own, (body, saved) = state
+        if isinstance(own.get("_graph"), PortableGraph):
+            own["_graph"] = own["_graph"].build()
+            own["_graph"].owning_module = self
+        super().__setstate__(own)
+        if saved.source_is_part:  # traced again as the original class, over this part's dict
+            saved.source = object.__new__(original_class(type(self)))
+            saved.source.__dict__ = self.__dict__
+        gm = TunedGraphModule.__new__(TunedGraphModule)
+        gm.__setstate__((body, saved))  # shares this part's children (pickled once)
+        self.__dict__["_convbn_part"] = gm
+
+    def __deepcopy__(self, memo):
+        # The default deepcopy, which would otherwise call __reduce_ex__ (made for pickling).
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 _part_classes: dict[type, type] = {}
 
@@ -51,6 +90,18 @@ def _part_class(cls: type) -> type:
         _part_classes[cls] = type(cls.__name__, (TunedPart, cls),
                                   {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _part_classes[cls]
+
+
+def original_class(cls: type) -> type:
+    """The class a part's class was made from (the nearest one pickle can find by name)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, TunedPart) and importable(c))
+
+
+def new_part(cls: type) -> nn.Module:
+    """An empty part of class `cls`, for pickle to fill (see `TunedPart.__setstate__`)."""
+    module = cls.__new__(cls)  # a GraphModule makes its own subclass here
+    module.__class__ = _part_class(type(module))
+    return module
 
 
 def is_rewritten(module: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from ..graph.lower import copy_graph
 from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
+from .pickling import PickledTuning, PortableGraph, new_instance, reduced
 from .verify import agree, checkable, signature
 from .watch import StateKey, Watch
 
@@ -256,6 +257,36 @@ class TunedGraphModule(torch.fx.GraphModule):
                                          verify=t.verify, split=t.split)
         res._relower()
         return res
+
+    # -- pickling (torch.save of the whole model; see pickling.py) --------------------------
+
+    def __reduce__(self):
+        # Not GraphModule's reduce, which traces the generated code again on load.
+        return reduced(self, new_instance, (TunedGraphModule,), self.__getstate__())
+
+    def __getstate__(self):
+        """The module tree and what the rewrite was made from; nothing generated."""
+        t = self.__dict__["_convbn"]
+        body = {k: v for k, v in self.__dict__.items()
+                if k not in ("_convbn", "_graph", "_code", "_lineno_map", "_prologue_start")}
+        in_part = t.source is not None and t.source.__dict__.get("_convbn_part") is self
+        return body, PickledTuning(t.rule, t.prefix, None if in_part else t.source, in_part,
+                                   t.untraceable, t.retrace, PortableGraph.of(t.template),
+                                   type(self).__name__, t.verify, t.split,
+                                   split_done=t.fallback is not None and t.split is not None)
+
+    def __setstate__(self, state):
+        body, saved = state
+        type(self).__name__ = saved.class_name  # as GraphModule(root, graph, class_name)
+        super().__setstate__(body)
+        self.__dict__["_convbn"] = Tuning(saved.rule, saved.prefix, saved.source,
+                                          frozenset(saved.untraceable), saved.retrace,
+                                          saved.template.build(), verify=saved.verify,
+                                          split=saved.split)
+        if saved.split_done:  # the children are parts already: a failed check only falls back
+            view = self._view()
+            self.__dict__["_convbn"].fallback = functools.partial(type(view).forward, view)
+        self._relower()  # for the state the model is in now, as after any state change
 
     def take_over(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """Make `gm` (the GraphModule this was built over) this rewritten module, in place."""

@@ -21,7 +21,8 @@ import traceback
 
 import torch
 
-from ..vocabulary.errors import ConvBNError
+from ..frontends.tune import NOTHING_FOLDS
+from ..vocabulary.errors import BATCH_STATISTICS, TRAINABLE, ConvBNError, ModeError
 from . import measure as measuring
 from .fit import fit_batches, parse_size
 from .measure_table import format_fit_json, format_fit_text
@@ -271,7 +272,13 @@ def _version() -> str:
 
 def _run_report(args: argparse.Namespace) -> int:
     model = build_model(args.spec)
-    report = make_report(model, args.spec, args.state, args.mode)
+    try:
+        report = make_report(model, args.spec, args.state, args.mode)
+    except ModeError as exc:
+        sentence = _forced_mode_sentence(exc, args)
+        if sentence is None:
+            raise
+        raise ConvBNError(sentence) from None
     failures = report.failures(args.expect, args.fail_on_skip)
     if args.format == "json":
         sys.stdout.write(format_json(report, failures))
@@ -281,6 +288,19 @@ def _run_report(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"{args.prog}: {failure}", file=sys.stderr)
     return EXIT_MISSED if failures else EXIT_OK
+
+
+def _forced_mode_sentence(exc: ModeError, args: argparse.Namespace) -> str | None:
+    """A forced mode that does not fit the state, said with this command's options (the
+    library's sentence names Python calls)."""
+    mode, bn = f"--mode {args.mode}", exc.block
+    if exc.conflict == BATCH_STATISTICS:  # (a BN without running statistics is skipped)
+        return (f"{mode} needs frozen BN, but in --state {args.state} BN {bn} normalises with "
+                "batch statistics; use --state finetune (BN frozen), or --mode auto.")
+    if exc.conflict == TRAINABLE:
+        return (f"{mode} folds BN {bn} into constant weights, but its parameters require "
+                f"grad in --state {args.state}; use --state frozen, or --mode tune.")
+    return None
 
 
 def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
@@ -355,6 +375,9 @@ def _log_handler(verbose: int) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
     handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else
                      logging.WARNING)
+    # tune_mode's "nothing folds, call bn.eval()" hint: the report shows the counts and
+    # reasons itself, and its Python advice is not what a CLI user can type.
+    handler.addFilter(lambda record: not getattr(record, NOTHING_FOLDS, False))
     return handler
 
 

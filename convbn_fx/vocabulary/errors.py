@@ -4,7 +4,12 @@ Every error a user can cause is one of these, with one sentence that names the f
 mistake never surfaces as a traceback from deep inside torch.fx or ATen.
 """
 
-__all__ = ["ConvBNError", "TraceError", "ModeError", "LoweringError", "exception_summary"]
+__all__ = ["ConvBNError", "TraceError", "ModeError", "LoweringError", "exception_summary",
+           "BATCH_STATISTICS", "TRAINABLE"]
+
+# ModeError.conflict: why a forced mode does not fit a block's state.
+BATCH_STATISTICS = "batch statistics"   # BN normalises with batch statistics (not frozen)
+TRAINABLE = "trainable"                 # DEPLOY, while a block parameter requires grad
 
 
 class ConvBNError(Exception):
@@ -16,7 +21,17 @@ class TraceError(ConvBNError):
 
 
 class ModeError(ConvBNError, ValueError):
-    """An unknown mode, or a forced mode that is wrong for a block's current state."""
+    """An unknown mode, or a forced mode that is wrong for a block's current state.
+
+    The second kind also says what is wrong in fields, so that a front end can name its own
+    options instead of the sentence's Python (the CLI's `--state frozen`): `mode` (the Mode
+    asked for), `block` (the BN's name) and `conflict` (BATCH_STATISTICS or TRAINABLE).
+    """
+
+    def __init__(self, message: str, *, mode=None, block: str | None = None,
+                 conflict: str | None = None):
+        super().__init__(message)
+        self.mode, self.block, self.conflict = mode, block, conflict
 
 
 class LoweringError(ConvBNError, KeyError):
