@@ -152,6 +152,53 @@ def test_linear_bn_rank3_is_not_folded(state):
     assert_close_to_float64(model, tuned, (torch.randn(4, 5),))
 
 
+class FlattenedPair(nn.Module):
+    """LeViT's MLPLayerWithBN: `bn(linear(x).flatten(0, 1)).reshape_as(linear(x))`."""
+
+    def __init__(self, flatten=(0, 1)):
+        super().__init__()
+        self.linear, self.bn, self.flatten = nn.Linear(5, 6), nn.BatchNorm1d(6), flatten
+
+    def forward(self, x):
+        h = self.linear(x)
+        return self.bn(h.flatten(*self.flatten)).reshape_as(h)
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_linear_bn_through_a_flatten_folds(state):
+    """Merging the leading dims of a Linear output commutes with the fold: (N, L, F) folds
+    where BatchNorm1d sees (N·L, F); the Linear itself is no longer computed."""
+    model = _prepare(FlattenedPair(), state)
+    tuned = convbn_fx.tune_mode(model)
+    assert [i.lowering for i in convbn_fx.describe(tuned)] == [Mode(state)]
+    assert "self.linear(" not in tuned.code and "self.bn(" not in tuned.code
+    assert_close_to_float64(model, tuned, (torch.randn(3, 4, 5),))
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_linear_bn_through_a_flatten_runs_unfolded_where_bn_sees_other_dims(state):
+    """flatten(0, 1) of a rank-4 output is (N·A, B, F): BatchNorm1d normalises B there."""
+    model = _prepare(FlattenedPair(), state)
+    tuned = convbn_fx.tune_mode(model)
+    x = torch.randn(2, 3, 6, 5)
+    assert torch.equal(tuned(x), model(x))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):  # (N·F,) from rank 2
+        model(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        tuned(torch.randn(4, 5))
+
+
+def test_linear_bn_through_a_flatten_used_elsewhere_is_skipped():
+    class Twice(FlattenedPair):
+        def forward(self, x):
+            flat = self.linear(x).flatten(0, 1)
+            return self.bn(flat) + flat
+
+    tuned = convbn_fx.tune_mode(finetune_state(randomize_bn(Twice())))
+    reason = convbn_fx.describe(tuned)[0].reason
+    assert reason is not None and "flattened Linear output is also used" in reason
+
+
 def test_linear_bn_bad_rank_raises_like_the_module():
     model = frozen_state(randomize_bn(_linear_pair()))
     tuned = convbn_fx.tune_mode(model)

@@ -23,7 +23,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convbn_fx
 from convbn_fx import Mode, ModeError
-from convbn_fx.kernels.blocks import conv_bn_deploy, conv_bn_tune, linear_bn_deploy, linear_bn_tune
+from convbn_fx.kernels.blocks import (conv_affine_deploy, conv_affine_tune, conv_bn_deploy,
+                                      conv_bn_tune, linear_bn_deploy, linear_bn_tune)
 from convbn_fx.tools.testing import compare_to_float64
 
 from fuzz_models import STATES, FuzzCase, apply_state, make_case
@@ -114,14 +115,23 @@ def check_describe(case: FuzzCase, model, tuned, mode, via_fx: bool) -> None:
         want, _ = _expected(model, info.conv, info.bn, info.kind, info.reason is None, mode)
         assert info.lowering == want, f"{info} but the state calls for {want}\n{case}"
 
-    lowered = Counter(i.lowering for i in infos)
+    # FrozenBatchNorm2d is traced through: its blocks are `conv·S + B` arithmetic (an affine
+    # block), folded by the affine kernels, and left as that arithmetic in Eval.
+    frozen = {n for n, m in case.model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    lowered = Counter((i.lowering, i.bn in frozen) for i in infos)
     modules = Counter(n.target for n in tuned.graph.nodes if n.op == "call_module")
     functions = Counter(n.target for n in tuned.graph.nodes if n.op == "call_function")
-    assert functions[conv_bn_tune] + functions[linear_bn_tune] == lowered[Mode.TUNE], tuned.code
-    assert functions[conv_bn_deploy] + functions[linear_bn_deploy] == lowered[Mode.DEPLOY], \
+    assert functions[conv_bn_tune] + functions[linear_bn_tune] == lowered[Mode.TUNE, False], \
         tuned.code
-    assert functions[F.batch_norm] == lowered[Mode.EVAL], tuned.code
+    assert functions[conv_affine_tune] == lowered[Mode.TUNE, True], tuned.code
+    assert functions[conv_bn_deploy] + functions[linear_bn_deploy] == \
+        lowered[Mode.DEPLOY, False], tuned.code
+    assert functions[conv_affine_deploy] == lowered[Mode.DEPLOY, True], tuned.code
+    assert functions[F.batch_norm] == lowered[Mode.EVAL, False], tuned.code
     for bn, calls in bn_calls.items():   # a folded or Eval-lowered block drops its BN call
+        if bn in frozen:   # never a module call: its forward is traced through
+            assert modules[bn] == 0, f"{bn}: called as a module\n{tuned.code}"
+            continue
         gone = sum(1 for i in infos if i.bn == bn and i.lowering in
                    (Mode.TUNE, Mode.DEPLOY, Mode.EVAL))
         assert modules[bn] == calls - gone, f"{bn}: {modules[bn]} calls left\n{tuned.code}"

@@ -92,42 +92,19 @@ def test_zoo_model_is_exact_full(name):
 
 # ---------------------------------------------------------------------------- Hugging Face
 
-_TF_PADDING = ("transformers' apply_tf_padding branches on the input's shape (mobilenet_v1: "
-               "`if in_height % stride_height == 0`, mobilenet_v2: `int(features.shape[-2])`) "
-               "inside MobileNetV{1,2}ConvLayer.forward, the module that owns conv and BN, so "
-               "every such layer is kept as an untraced call")
-_FROZEN = ("HF's *FrozenBatchNorm2d is a plain nn.Module computing x*scale+bias from its "
-           "buffers with a literal epsilon=1e-5: no norm kind convbn_fx knows, so its blocks "
-           "are neither matched nor listed (declare_frozen_norm needs an `eps` attribute)")
 HF_NOT_EXACT = {
-    "mobilenet_v1": f"tune_mode raises TraceError: {_TF_PADDING}, and no other submodule "
-                    "holding a conv/BN traces",
-    "align_vision": "the rewritten AlignVisionEncoder part returns a plain dict where the "
-                    "original returns BaseModelOutputWithNoAttention (fx's create_arg turns "
-                    "a dict subclass into a dict), so AlignVisionModel's `encoder_outputs[0]` "
-                    "raises KeyError",
     "segformer": "tune_mode raises TraceError: the root's can_return_tuple wrapper is called "
                  "with Proxies as *args/**kwargs (fx unwraps the signature, then patches the "
                  "wrapper's code), and SegformerDecodeHead.forward iterates over its list "
                  "argument, a Proxy",
-    "vitpose": "tune_mode raises TraceError: the root's can_return_tuple wrapper gets Proxies "
-               "as *args/**kwargs, and VitPoseClassicDecoder's flip_pairs=None is a Proxy, "
-               "so `flip_pairs is not None` holds and flip_back branches on `.ndim`",
 }
 HF_LOSES_PAIRS = {
-    "mobilenet_v1": _TF_PADDING,
-    "mobilenet_v2": f"0 of 52 folded without a reason: {_TF_PADDING}",
-    "efficientnet": "top_conv→top_bn is lost: EfficientNetEncoder.forward branches on its "
-                    "output_hidden_states / return_dict arguments, Proxies in a trace",
-    "levit": "22 Linear→BatchNorm1d pairs are lost: MLPLayerWithBN computes "
-             "bn(linear(x).flatten(0, 1)).reshape_as(linear(x)); the matcher wants the "
-             "Linear's output as the BN's direct input",
     "segformer": "SegformerDecodeHead does not trace (it iterates over a Proxy), so its "
                  "linear_fuse→batch_norm pair is lost",
-    "detr": f"12 of 12 lost: {_FROZEN}",
-    "rt_detr": f"the 15 backbone pairs are lost: {_FROZEN}",
-    "vitpose": "VitPoseClassicDecoder does not trace (flip_pairs is a Proxy), so its two "
-               "ConvTranspose2d→BatchNorm2d pairs are lost",
+    "vitpose": "VitPoseClassicDecoder's trace does not compute its forward (flip_pairs=None "
+               "is a Proxy, so `flip_pairs is not None` holds): the check catches it and the "
+               "decoder runs its own forward, so its two ConvTranspose2d→BatchNorm2d pairs "
+               "are not folded",
 }
 
 
@@ -141,8 +118,6 @@ def test_hf_model_folds_every_pair(name):
     _assert_folds_every_pair(_entry("hf", name))
 
 
-@pytest.mark.xfail(strict=True, reason="HF_LOSES_PAIRS: about 64 % folded (frozen norms, "
-                                       "apply_tf_padding, LeViT's flatten, untraceable heads)")
 def test_hf_zoo_folds_95_percent_of_pairs():
     _assert_zoo_folds_95_percent([_entry("hf", name) for name in HF_QUICK], 15)
 
@@ -157,16 +132,8 @@ def test_hf_model_is_exact_full(name, request):
 
 # ----------------------------------------------------------------------------------- MONAI
 
-_UPCAT = ("UpCat.forward tests `torch.jit.isinstance(x_e, torch.Tensor)`, False for a Proxy: "
-          "the trace drops the skip connection and tune_mode accepts the graph, so the "
-          "rewritten model's TwoConv gets too few channels (RuntimeError)")
-MONAI_NOT_EXACT = {"basicunet_2d": _UPCAT, "basicunet_3d": _UPCAT, "basicunetpp_2d": _UPCAT,
-                   "flexible_unet_2d": f"its decoder is made of BasicUNet's UpCat: {_UPCAT}"}
-MONAI_LOSES_PAIRS = {
-    "efficientnet_tiny_2d": "MBConvBlock.forward calls drop_connect, which does "
-                            "`len(inputs.shape)` (len of a Proxy) in training mode: every "
-                            "block with an identity skip is kept as an untraced call",
-}
+MONAI_NOT_EXACT: dict[str, str] = {}
+MONAI_LOSES_PAIRS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", _marked(MONAI_QUICK, MONAI_NOT_EXACT))
@@ -179,14 +146,12 @@ def test_monai_model_folds_every_pair(name):
     _assert_folds_every_pair(_entry("monai", name))
 
 
-@pytest.mark.xfail(strict=True, reason="MONAI_NOT_EXACT and MONAI_LOSES_PAIRS: BasicUNet's "
-                                       "folds are not exact, EfficientNet's drop_connect")
 def test_monai_zoo_folds_95_percent_of_pairs():
     _assert_zoo_folds_95_percent([_entry("monai", name) for name in MONAI_QUICK], 10)
 
 
-@pytest.mark.xfail(strict=True, reason=_UPCAT)
 def test_monai_basicunet_output_is_the_plain_models():
+    """UpCat tests `torch.jit.isinstance(x_e, torch.Tensor)`: the trace must keep the skip."""
     pytest.importorskip("monai")
     from bench.zoo import _input, prepare
 
@@ -230,24 +195,22 @@ class _SkipNet(nn.Module):
         return self.up(torch.relu(s), s)
 
 
-@pytest.mark.xfail(strict=True, reason="isinstance of a Proxy takes the other branch: the "
-                                       "trace drops `x + skip` and the rewritten model returns "
-                                       "a wrong answer of the right shape, without a word")
 def test_isinstance_of_a_proxy_does_not_change_the_answer():
+    """isinstance of a Proxy takes the other branch and drops `x + skip`: the trace check
+    catches it, and the module runs its own forward (with its blocks rewritten alone)."""
     model = _SkipNet().train()
     model.up.bn.eval()
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(convbn_fx.tune_mode(model)(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="the lowered block drops the BN's input check: a conv "
-                                       "takes an unbatched input, BatchNorm2d rejects 3-D and "
-                                       "BatchNorm1d reads a 2-D input as (N, C)")
 @pytest.mark.parametrize("conv, bn, shape", [
     (nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), (3, 16, 16)),
     (nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), (3, 16)),
 ], ids=["conv2d-3d-input", "conv1d-2d-input"])
 def test_rewritten_block_rejects_what_the_bn_rejects(conv, bn, shape):
+    """A conv takes an unbatched input; BatchNorm2d rejects its 3-D output, and BatchNorm1d
+    reads a 2-D one as (N, C): the folded block must do what the modules do."""
     model = nn.Sequential(conv, bn).train()
     model[1].eval()
     x = torch.randn(shape)
@@ -276,11 +239,8 @@ class _HFFrozenBN(nn.Module):
         return x * scale + bias
 
 
-@pytest.mark.xfail(strict=True, reason="traced through, a frozen norm's buffer arithmetic runs "
-                                       "at trace time (fx does not proxy buffers) and is baked "
-                                       "into _tensor_constant attributes: loading new "
-                                       "statistics afterwards changes nothing")
 def test_frozen_norm_traced_through_follows_load_state_dict():
+    """A frozen norm's buffer arithmetic is traced, not baked into constants at trace time."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3),
                           _HFFrozenBN(8)).train()
     model[1].eval()

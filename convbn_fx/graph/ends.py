@@ -47,6 +47,8 @@ class End:
     training: Any = None            # the call's own `training` flag (functional ends)
     epilogue: tuple[str, ...] = ()
     affine: Affine | None = None    # an affine epilogue (`conv·S + B`), not a BN call
+    view: torch.fx.Node | None = None       # `linear(x).flatten(s, e)`, the norm's input
+    flatten: tuple[int, int] | None = None  # that view's (start_dim, end_dim)
 
 
 def as_source(value: Any) -> Source:

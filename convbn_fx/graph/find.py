@@ -3,8 +3,9 @@
 All blocks are found first and rewritten afterwards, one per BN call fed directly by a conv
 (or linear) call. A block that is not provably safe to fold is still returned, with the
 one-line reason of the first guard that failed (guards.py), so `describe()` can say why it
-was skipped. A Linear followed by BatchNorm1d is a block too (`op="linear"`); whether its
-input has the rank that makes folding right is only known per call (kernels/linear.py).
+was skipped. A Linear followed by BatchNorm1d is a block too (`op="linear"`), also through a
+flatten of its output (LeViT's `bn(linear(x).flatten(0, 1))`); whether the input has the rank
+that makes folding right is only known per call (kernels/blocks.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch.nn as nn
 
 from ..kernels.checks import INPUT_CHECKS, check_input
 from ..vocabulary.blocks import Block
-from ..vocabulary.kinds import bn_base, is_frozen_bn
+from ..vocabulary.kinds import is_frozen_bn
 from .ends import End, affine_end, as_source, conv_end, norm_end
 from .guards import skip_reason
+from .normalize import match_flatten
 
 __all__ = ["find_blocks"]
 
@@ -40,26 +42,42 @@ def find_blocks(graph: torch.fx.Graph, root: nn.Module | None = None) -> list[Bl
         if norm is None or not isinstance(norm.input, torch.fx.Node):
             continue
         conv = conv_end(norm.input, modules)
+        if conv is None and norm.affine is None:
+            conv = _flattened_linear(norm, modules)
         if conv is None:
             continue
         block = Block(conv=conv.name, bn=norm.name, kind=f"{conv.kind}+{norm.kind}",
                       conv_node=conv.node, bn_node=norm.node, training=norm.training,
-                      inner=(norm.call,) if norm.call is not norm.node else ())
+                      inner=((norm.call,) if norm.call is not norm.node else ())
+                      + ((norm.view,) if norm.view is not None else ()))
         block.reason = skip_reason(conv, norm, root)
         if block.reason is None:
             block.input, block.config, block.eps = conv.input, conv.config, norm.eps
             block.epilogue = norm.epilogue
             if conv.linear:
-                block.op = "linear"
-                # A BatchNorm1d module checks the rank; F.batch_norm takes any.
-                block.bn_ranks = (2, 3) if norm.node.op == "call_module" \
-                    and bn_base(norm.module) is nn.BatchNorm1d else None
+                block.op, block.view, block.flatten = "linear", norm.view, norm.flatten
             block.tensors = {**conv.tensors, **norm.tensors}
             block.checks, block.check_nodes = _input_checks(conv, norm)
             if norm.affine is not None:
                 block.norm, block.negate_shift = "affine", norm.affine.subtract
         blocks.append(block)
     return blocks
+
+
+def _flattened_linear(norm: End, modules: dict[str, nn.Module]) -> End | None:
+    """The linear end when the norm reads `linear(x).flatten(s, e)`; notes the view on `norm`.
+
+    Folding commutes with merging the leading dims of a Linear's output (each row is one
+    sample of the same features); whether the merge leaves (N, F) is checked per call.
+    """
+    flat = match_flatten(norm.input)
+    if flat is None:
+        return None
+    conv = conv_end(flat[0], modules)
+    if conv is None or not conv.linear:
+        return None
+    norm.view, norm.flatten = norm.input, flat[1]
+    return conv
 
 
 def _input_checks(conv: End, norm: End) -> tuple[tuple, tuple]:

@@ -58,10 +58,16 @@ def _hooks(conv: End, norm: End, root) -> str | None:
 
 
 def _other_uses(conv: End, norm: End, root) -> str | None:
+    reads = norm.view if norm.view is not None else norm.call
     others = [u.name for u in conv.node.users
-              if u is not norm.call and not is_metadata_use(u, conv.node)]
+              if u is not reads and not is_metadata_use(u, conv.node)]
     if others:
         return f"the conv output is also used by {', '.join(others)}"
+    if norm.view is not None and len(norm.view.users) > 1:
+        others = ", ".join(u.name for u in norm.view.users if u is not norm.call)
+        return f"the flattened Linear output is also used by {others}"
+    if norm.view is not None and norm.epilogue:
+        return "a norm with an epilogue after a flatten of the Linear output is not folded"
     if norm.call is not norm.node and len(norm.call.users) > 1:
         if norm.affine is not None:
             others = ", ".join(u.name for u in norm.call.users if u is not norm.node)

@@ -44,16 +44,20 @@ def _move_metadata_uses(conv: torch.fx.Node, uses: list[torch.fx.Node],
     The folded output has the same shape and type; the checks, and whatever they feed, move
     after it so the graph stays in order and the unfolded conv is not computed for them.
     """
-    anchor = out
     for user in uses:
         user.replace_input_with(conv, out)
-        pending = [user]
-        while pending:  # the check and everything downstream of it, in graph order
-            node = pending.pop(0)
-            if node < anchor:
-                anchor.append(node)
-                anchor = node
+    # What now comes too early: the checks and whatever they feed, up to `out`. A node after
+    # `out` is in order, and so is everything downstream of it.
+    early, pending = set(), list(uses)
+    while pending:
+        node = pending.pop()
+        if node not in early and node < out:
+            early.add(node)
             pending.extend(node.users)
+    anchor = out
+    for node in sorted(early):  # in graph order, right after `out`
+        anchor.append(node)
+        anchor = node
 
 
 class _SameNodes(dict):
@@ -105,8 +109,10 @@ def lower_in_place(graph: torch.fx.Graph, blocks: Sequence[Block],
         for check in block.check_nodes:  # the lowering runs the norm's checks itself
             inputs += check.all_input_nodes
             graph.erase_node(check)
-        if all(u in uses for u in block.conv_node.users):  # the conv itself is gone
-            _move_metadata_uses(block.conv_node, uses, out)
+        if all(u in uses or u in block.inner for u in block.conv_node.users):  # conv gone
+            # Uses of the Linear output's shape read the kernel's result, not its flatten.
+            shaped = out.args[0] if block.view is not None else out
+            _move_metadata_uses(block.conv_node, uses, shaped)
         graph.erase_node(block.bn_node)
         for node in block.inner:  # an aten BN's tuple (bn_node was its getitem 0), conv·S
             inputs += node.all_input_nodes

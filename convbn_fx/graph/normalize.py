@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from ..vocabulary.blocks import ConvConfig, same_padding
 
-__all__ = ["ConvCall", "NormCall", "match_conv", "match_norm", "module_input", "module_path",
-           "op_name", "static_shape", "conv_config"]
+__all__ = ["ConvCall", "NormCall", "match_conv", "match_norm", "match_flatten", "module_input",
+           "module_path", "op_name", "static_shape", "conv_config"]
 
 aten = torch.ops.aten
 
@@ -194,6 +194,25 @@ def match_norm(node: torch.fx.Node) -> NormCall | None:
     training = spec[2] if spec[2] is not None else args["training"]
     return NormCall(node, call, args["input"], args["running_mean"], args["running_var"],
                     args["weight"], args["bias"], training, args["eps"])
+
+
+def _flatten_signature(input, start_dim=0, end_dim=-1):
+    pass
+
+
+def match_flatten(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple[int, int]] | None:
+    """(the flattened value, (start_dim, end_dim)) when `node` is `x.flatten(s, e)` or
+    `torch.flatten(x, s, e)` with constant dims, else None."""
+    if not ((node.op == "call_method" and node.target == "flatten")
+            or (node.op == "call_function" and node.target is torch.flatten)):
+        return None
+    args = _bind(_flatten_signature, node)
+    if args is None or not isinstance(args["input"], torch.fx.Node):
+        return None
+    dims = (args["start_dim"], args["end_dim"])
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return args["input"], dims
 
 
 def module_input(module: nn.Module, node: torch.fx.Node):

@@ -130,30 +130,62 @@ def conv_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _then(out, checks, epilogue)
 
 
+def _features_normalised(x: torch.Tensor, flatten: Sequence[int] | None) -> bool:
+    """BatchNorm1d normalises the Linear's output features: it sees them as (N, F), either
+    directly (a rank-2 input) or after a flatten of all the leading dims."""
+    if flatten is None:
+        return x.dim() == 2
+    if x.dim() < 2:
+        return False
+    start, end = (d % x.dim() for d in flatten)
+    return start == 0 and end == x.dim() - 2
+
+
+def _linear_unfolded(x, weight, bias, mean, var, gamma, beta, eps, checks, conv, norm,
+                     epilogue, flatten):
+    """The Linear and its norm as the original runs them, in the Linear output's shape."""
+    z = conv(x) if conv is not None else F.linear(x, weight, bias)
+    if flatten is None:
+        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    y = _unfolded(z.flatten(*flatten), mean, var, gamma, beta, eps, checks, norm, epilogue)
+    return y.reshape(z.shape)  # the graph flattens it again, as the original did
+
+
+def _linear_then(out, checks: Checks, epilogue, flatten):
+    _run_checks(checks, out if flatten is None else out.flatten(*flatten))
+    return _then(out, (), epilogue)
+
+
 def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
                    beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
-                   norm=None, epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
-    """Tune for Linear→BatchNorm1d: `linear(x, W·s, b')` on a rank-2 input."""
-    if x.dim() != 2:
-        z = conv(x) if conv is not None else F.linear(x, weight, bias)
-        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+                   norm=None, epilogue: Sequence[nn.Module] = (),
+                   flatten: Sequence[int] | None = None) -> torch.Tensor:
+    """Tune for Linear→BatchNorm1d: `linear(x, W·s, b')` where the norm sees (N, F).
+
+    With `flatten`, the norm read `linear(x).flatten(*flatten)`: the result keeps the Linear
+    output's shape and the graph flattens it after this call.
+    """
+    if not _features_normalised(x, flatten):
+        return _linear_unfolded(x, weight, bias, mean, var, gamma, beta, eps, checks, conv,
+                                norm, epilogue, flatten)
     out = linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
-    return _then(out, checks, epilogue)
+    return _linear_then(out, checks, epilogue, flatten)
 
 
 def linear_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
                      beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
                      norm=None, epilogue: Sequence[nn.Module] = (),
-                     watch: torch.Tensor | None = None, cache: bool = True) -> torch.Tensor:
-    """Deploy for Linear→BatchNorm1d: the cached `frozen_fold` on a rank-2 input."""
-    if x.dim() != 2:
-        z = conv(x) if conv is not None else F.linear(x, weight, bias)
-        return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+                     watch: torch.Tensor | None = None, cache: bool = True,
+                     flatten: Sequence[int] | None = None) -> torch.Tensor:
+    """Deploy for Linear→BatchNorm1d: the cached `frozen_fold` where the norm sees (N, F)."""
+    if not _features_normalised(x, flatten):
+        return _linear_unfolded(x, weight, bias, mean, var, gamma, beta, eps, checks, conv,
+                                norm, epilogue, flatten)
     folded_w, folded_b = frozen_fold(weight, bias, mean, var, gamma, beta, eps, watch=watch,
                                      cache=cache)
-    return _then(F.linear(x, folded_w, folded_b), checks, epilogue)
+    return _linear_then(F.linear(x, folded_w, folded_b), checks, epilogue, flatten)
 
 
 def conv_affine_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

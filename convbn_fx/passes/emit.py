@@ -89,9 +89,14 @@ def block_call(graph: torch.fx.Graph, block: Block, fn: Callable, suffix: str,
             kwargs[key] = module(node.target)
     if block.epilogue:
         kwargs["epilogue"] = [module(name) for name in block.epilogue]
+    if block.flatten is not None:
+        kwargs["flatten"] = list(block.flatten)
     args = (block.input, t["weight"], t["bias"], t["running_mean"], t["running_var"],
             t["bn_weight"], t["bn_bias"])
-    return call(graph, fn, args, {**kwargs, **extra}, name=f"{stem(block)}_{suffix}")
+    out = call(graph, fn, args, {**kwargs, **extra}, name=f"{stem(block)}_{suffix}")
+    if block.flatten is not None:  # the kernel keeps the Linear output's shape; the norm saw
+        out = graph.call_method("flatten", (out, *block.flatten))  # it flattened
+    return out
 
 
 def emit_checks(graph: torch.fx.Graph, block: Block, value: torch.fx.Node) -> None:

@@ -21,8 +21,9 @@ def lower_eval(graph: torch.fx.Graph, block: Block) -> torch.fx.Node:
     if block.norm == "affine":  # the epilogue as traced is its own reference
         return block.bn_node
     t = tensors(graph, block)
-    emit_checks(graph, block, block.conv_node)
+    value = block.view if block.view is not None else block.conv_node  # what the norm read
+    emit_checks(graph, block, value)
     out = call(graph, F.batch_norm,
-               (block.conv_node, t["running_mean"], t["running_var"], t["bn_weight"],
+               (value, t["running_mean"], t["running_var"], t["bn_weight"],
                 t["bn_bias"], False, 0.0, block.eps), name=f"{stem(block)}_eval")
     return apply_epilogue(graph, block, out)

@@ -70,7 +70,8 @@ class Block:
     op: str = "conv"                # "conv", or "linear" for Linear→BatchNorm1d
     norm: str = "batch"             # "batch" (running statistics), "affine" (`conv·S + B`)
     negate_shift: bool = False      # an affine epilogue written `conv·S − B`
-    bn_ranks: tuple[int, ...] | None = None   # linear: output ranks the BN accepts (None: any)
+    view: torch.fx.Node | None = None         # linear: `out.flatten(s, e)` read by the norm
+    flatten: tuple[int, int] | None = None    # that view's (start_dim, end_dim)
     tensors: dict[str, Source] = field(default_factory=dict)   # keys: TENSORS
     eps: float = 1e-5
     epilogue: tuple[str, ...] = ()  # modules applied after the norm (timm's drop, act)
@@ -91,7 +92,7 @@ class Block:
 
         return dataclasses.replace(
             self, conv_node=node_map[self.conv_node], bn_node=node_map[self.bn_node],
-            input=move(self.input), tensors={k: move(v) for k, v in self.tensors.items()},
+            input=move(self.input), view=move(self.view), tensors={k: move(v) for k, v in self.tensors.items()},
             inner=tuple(node_map[n] for n in self.inner),
             checks=tuple((move(m), name) for m, name in self.checks),
             check_nodes=tuple(node_map[n] for n in self.check_nodes))
