@@ -9,6 +9,7 @@ same train/eval flags and requires_grad, and for a GraphModule the same code.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -193,14 +194,23 @@ def test_register_lowering_not_a_function(fn):
 
 # -- models that do not trace, or were traced by something else --------------------------------
 
-@pytest.mark.parametrize("entry", [convbn_fx.tune_mode, convbn_fx.describe],
-                         ids=["tune_mode", "describe"])
-def test_untraceable_everywhere(entry):
+def test_untraceable_everywhere_describe_says_why():
     model = finetune_state(randomize_bn(Untraceable()))
     before = snapshot(model)
     with pytest.raises(TraceError) as info:
-        entry(model)
+        convbn_fx.describe(model)
     assert_one_sentence(info.value)
+    assert_unchanged(model, before)
+
+
+def test_untraceable_everywhere_tune_mode_returns_the_model_and_warns(caplog):
+    """It ran before the rewrite, so it runs after it: unchanged, with one warning."""
+    model = finetune_state(randomize_bn(Untraceable()))
+    before = snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="convbn_fx"):
+        assert convbn_fx.tune_mode(model) is model
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not trace Untraceable" in warnings[0], warnings
     assert_unchanged(model, before)
 
 

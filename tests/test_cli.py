@@ -251,6 +251,29 @@ def test_timm_not_installed(capsys, monkeypatch):
                   "pip install timm.\n"
 
 
+# -- Hugging Face SPECs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, model, folded", [
+    ("hf/mobilenet_v1", "MobileNetV1Model", 27),   # apply_tf_padding becomes a leaf
+    ("hf/MobileNetV2Config", "MobileNetV2Model", 52),
+])
+def test_hf_spec(capsys, spec, model, folded):
+    """A model type or config class, from its default config, offline; every block folds."""
+    pytest.importorskip("transformers")
+    data = report_json(capsys, spec, "--expect", str(folded))
+    assert (data["model"], data["counts"]["tune"], data["counts"]["total"]) == \
+        (model, folded, folded)
+
+
+def test_hf_unknown_name_is_one_sentence(capsys):
+    pytest.importorskip("transformers")
+    code, out, err = run(capsys, "report", "hf/mobilenetv2")
+    assert (code, out) == (2, "")
+    assert err.startswith("convbn-fx: unknown transformers model type or config class "
+                          "'mobilenetv2' (did you mean mobilenet_v2"), err
+    assert err.count("\n") == 1
+
+
 def test_timm_imported_only_for_timm_specs():
     code = ("import sys; from convbn_fx.tools import cli; "
             "assert cli.main(['report', 'cli_models:skippy']) == 0; "

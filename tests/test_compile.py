@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import convbn_fx
 from convbn_fx.frontends.compile import TunePass, make_backend
 from convbn_fx.kernels.blocks import conv_bn_tune, linear_bn_tune
-from convbn_fx.graph.find import find_blocks
 from convbn_fx.graph.tune_graph import tune_graph
 from convbn_fx.tools.testing import (assert_close_to_float64, finetune_state, frozen_state,
                                randomize_bn, saved_tensor_bytes)

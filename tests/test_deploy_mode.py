@@ -4,7 +4,6 @@ Numerics follow the project's float64 standard (outputs only: the export is for 
 with randomised BN statistics so a wrong fold cannot hide behind an identity BN.
 """
 
-import copy
 import logging
 
 import pytest

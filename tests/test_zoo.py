@@ -92,15 +92,11 @@ def test_zoo_model_is_exact_full(name):
 
 # ---------------------------------------------------------------------------- Hugging Face
 
-HF_NOT_EXACT = {
-    "segformer": "tune_mode raises TraceError: the root's can_return_tuple wrapper is called "
-                 "with Proxies as *args/**kwargs (fx unwraps the signature, then patches the "
-                 "wrapper's code), and SegformerDecodeHead.forward iterates over its list "
-                 "argument, a Proxy",
-}
+HF_NOT_EXACT: dict[str, str] = {}
 HF_LOSES_PAIRS = {
-    "segformer": "SegformerDecodeHead does not trace (it iterates over a Proxy), so its "
-                 "linear_fuse→batch_norm pair is lost",
+    "segformer": "SegformerDecodeHead, the only module holding its one pair, does not "
+                 "trace (it iterates over its list argument, a Proxy): tune_mode warns and "
+                 "returns the model unchanged",
     "vitpose": "VitPoseClassicDecoder's trace does not compute its forward (flip_pairs=None "
                "is a Proxy, so `flip_pairs is not None` holds): the check catches it and the "
                "decoder runs its own forward, so its two ConvTranspose2d→BatchNorm2d pairs "

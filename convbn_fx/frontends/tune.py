@@ -50,11 +50,18 @@ def tune_mode(model: nn.Module, mode: ModeArg = "auto", *, inplace: bool = False
     Returns:
         A `TunedGraphModule` when the whole model traces, else the model (or, unless
         `inplace`, a shallow copy of it) with its traceable parts rewritten; parts keep their
-        class. A model without BN that does not trace comes back as it is.
+        class. A model no part of which traces comes back as it is (with a warning if it has
+        BN: it ran before, so it runs after).
     """
     check_module(model, "tune_mode")
     rule = normalize_mode(mode)
-    tuned = _rewrite(model, rule, inplace, verify)
+    try:
+        tuned = _rewrite(model, rule, inplace, verify)
+    except TraceError as exc:
+        # The model ran before the rewrite, so it runs after it: unchanged, and said so.
+        log.warning("tune_mode folded nothing: %s Nothing was changed; the model runs as it "
+                    "is.", exc, extra={NOTHING_FOLDS: True})
+        return model
     infos = _infos(tuned)
     _warn_if_nothing_folds(tuned, infos, rule)
     if log.isEnabledFor(logging.INFO):

@@ -1,10 +1,12 @@
 """SPEC → nn.Module: how `convbn-fx report` and `convbn-fx measure` name the model to build.
 
 A user points the CLI at a model the way they already name it: a torchvision name
-(`resnet50`), a timm name (`timm/efficientnet_b0`, the zoo most fine-tuning starts from), or
-their own builder (`myproj.models:build`). Every model is built with random weights and
-nothing is downloaded, so the commands run offline and in CI. timm and torchvision are
-imported only when a SPEC of theirs is given. Every mistake is a ConvBNError sentence.
+(`resnet50`), a timm name (`timm/efficientnet_b0`, the zoo most fine-tuning starts from), a
+Hugging Face transformers model type or config class (`hf/resnet`, `hf/DetrConfig`: its
+default config, `AutoModel.from_config`), or their own builder (`myproj.models:build`, as
+for MONAI's networks). Every model is built with random weights and nothing is downloaded,
+so the commands run offline and in CI. timm, torchvision and transformers are imported only
+when a SPEC of theirs is given. Every mistake is a ConvBNError sentence.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch.nn as nn
 
 from ..vocabulary.errors import ConvBNError, exception_summary
 
-__all__ = ["build_model", "TIMM_PREFIX"]
+__all__ = ["build_model", "TIMM_PREFIX", "HF_PREFIX"]
 
 TIMM_PREFIX = "timm/"
+HF_PREFIX = "hf/"
 
 
 def _random_weight_kwargs(fn) -> dict:
@@ -68,6 +71,33 @@ def _timm_model(spec: str) -> nn.Module:
                           ) from None
 
 
+def _hf_model(spec: str) -> nn.Module:
+    """`hf/MODEL_TYPE` or `hf/ConfigClass`: AutoModel.from_config of its default config,
+    with no pretrained backbone (nothing is downloaded)."""
+    name = spec[len(HF_PREFIX):]
+    try:
+        import transformers
+    except ImportError:
+        raise ConvBNError(f"{spec} names a Hugging Face model but transformers is not "
+                          "installed; pip install transformers.") from None
+    types = transformers.CONFIG_MAPPING
+    by_class = {cls.__name__: cls for cls in types.values()}
+    config_cls = types[name] if name in types else by_class.get(name)
+    if config_cls is None:
+        raise ConvBNError(f"unknown transformers model type or config class {name!r}"
+                          f"{_did_you_mean(name, list(types.keys()) + list(by_class))}; "
+                          "transformers.CONFIG_MAPPING lists the model types.")
+    try:
+        config = config_cls()
+        for flag in ("use_pretrained_backbone", "use_timm_backbone"):
+            if hasattr(config, flag):
+                setattr(config, flag, False)
+        return transformers.AutoModel.from_config(config)
+    except Exception as exc:  # a config or model class can fail in any way
+        raise ConvBNError(f"AutoModel.from_config({config_cls.__name__}()) raised "
+                          f"{exception_summary(exc)}.") from None
+
+
 def _import_target(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -89,9 +119,12 @@ def build_model(spec: str) -> nn.Module:
     """The nn.Module SPEC names, built with random weights; ConvBNError for bad input.
 
     Args:
-        spec: a torchvision model name, `timm/NAME`, or `package.module:callable` (called
-            with no arguments, `weights=None`/`weights_backbone=None` where it takes them).
+        spec: a torchvision model name, `timm/NAME`, `hf/MODEL_TYPE` (or `hf/ConfigClass`),
+            or `package.module:callable` (called with no arguments,
+            `weights=None`/`weights_backbone=None` where it takes them).
     """
+    if spec.startswith(HF_PREFIX):
+        return _hf_model(spec)
     if ":" in spec:
         target = _import_target(spec)
     elif spec.startswith(TIMM_PREFIX):
