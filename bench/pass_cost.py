@@ -5,7 +5,9 @@ that grows faster than the model would stall on deep networks. So: `tune_mode(mo
 traces itself) and `tune_mode(gm)` (given an already traced GraphModule) are timed against
 `symbolic_trace(model)` on resnet50, and `tune_mode` on chains of 100 to 5000 conv→BN blocks,
 where the cost per block must stay flat. When it does not, the largest chain is profiled and
-the functions with the most own time are printed.
+the functions with the most own time are printed. The trace check (`verify=True`, the
+default) is timed too: one extra no-grad forward on the first call of each input signature,
+and the signature lookup on every call after.
 
 Run `python -m bench.pass_cost` (or `--quick`); it rewrites its section of bench/RESULTS.md.
 """
@@ -82,6 +84,34 @@ def phases(model: nn.Module, repeats: int) -> list[list]:
     times = interleaved_medians(steps, repeats, warmup=1, clock=time.process_time,
                                 before=gc.collect)
     return [[name, f"{t * 1e3:.1f}"] for name, t in times.items()]
+
+
+def verify_cost(repeats: int) -> list[list]:
+    """What the trace check costs: the first call of a signature, and each call after it."""
+    model = finetune_state(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    checked, trusted = convbn_fx.tune_mode(model), convbn_fx.tune_mode(model, verify=False)
+
+    def first(verify: bool):
+        tuned = convbn_fx.tune_mode(model, verify=verify)
+        with torch.no_grad():
+            tuned(x)
+
+    def call(tuned):
+        with torch.no_grad():
+            tuned(x)
+
+    call(checked), call(trusted)  # the check ran (and passed) for this signature
+    times = interleaved_medians(
+        {"tune_mode + first call, verify=True": lambda: first(True),
+         "tune_mode + first call, verify=False": lambda: first(False),
+         "a later call, verify=True": lambda: call(checked),
+         "a later call, verify=False": lambda: call(trusted)},
+        repeats, warmup=1, clock=time.process_time, before=gc.collect)
+    base = {"first": times["tune_mode + first call, verify=False"],
+            "later": times["a later call, verify=False"]}
+    return [[name, f"{t * 1e3:.2f}", f"{t / base['first' if 'first' in name else 'later']:.2f}"]
+            for name, t in times.items()]
 
 
 def chain_cost(sizes, repeats: int) -> list[dict]:
@@ -168,6 +198,11 @@ def main(argv=None) -> None:
              "lowered graph, so it does not pay the second row):", "",
              tabulate(phases(finetune_state(torchvision.models.resnet50(weights=None)),
                              repeats), ["step", "ms"], tablefmt="github"), "",
+             "### The trace check", "",
+             "resnet18, no-grad forward of 1×3×64×64 (small, so the check's share is large; "
+             f"median of {repeats} interleaved runs):", "",
+             tabulate(verify_cost(repeats), ["call", "ms", "×verify=False"], tablefmt="github"),
+             "",
              "### Chains of Conv2d(4, 4, 1) → BatchNorm2d(4) blocks", "", chain_table(rows), "",
              f"- {verdict}"]
     if args.profile or (growth is not None and growth > FLAT):

@@ -26,7 +26,7 @@ from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
 from .pickling import PickledTuning, PortableGraph, new_instance, reduced
-from .verify import agree, checkable, signature
+from .verify import agree, call_key
 from .watch import StateKey, Watch
 
 __all__ = ["TunedGraphModule", "Tuning", "Retrace"]
@@ -82,8 +82,8 @@ def _checked_forward(generated):
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):
         t = self.__dict__["_convbn"]
-        if t.verify and t.source is not None and checkable(args, kwargs):
-            key = signature(args, kwargs)
+        key = call_key(args, kwargs) if t.verify and t.source is not None else None
+        if key is not None:
             if key not in t.trusted:
                 if key not in t.failed:
                     self._check_trace(key, args, kwargs)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["signature", "same_outputs", "isolated", "agree", "checkable"]
+__all__ = ["call_key", "same_outputs", "isolated", "agree"]
 
 
 def _leaf_key(value: Any):
@@ -31,24 +31,28 @@ def _leaf_key(value: Any):
     return type(value).__qualname__
 
 
-def checkable(args: tuple, kwargs: dict) -> bool:
-    """A call with values to compare: not traced (Proxies), no meta or fake tensors."""
+def call_key(args: tuple, kwargs: dict) -> tuple | None:
+    """The input signature of a call, or None for a call there are no values to compare in
+    (being traced or compiled: Proxies, meta or fake tensors).
+
+    The signature is what decides which graph a call may run: the tensors' shapes, dtypes and
+    devices, and the values of plain arguments (a flag, a size). Computed on every call, so
+    the common one (positional tensors only) skips the pytree.
+    """
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    for value in pytree.tree_leaves((args, kwargs)):
+        return None
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        leaves, spec = args, len(args)
+    else:
+        leaves, tree = pytree.tree_flatten((args, kwargs))
+        spec = str(tree)
+    for value in leaves:
         if isinstance(value, torch.fx.Proxy):
-            return False
+            return None
         if isinstance(value, torch.Tensor) and (value.device.type == "meta" or isinstance(
                 value, torch._subclasses.FakeTensor)):
-            return False
-    return True
-
-
-def signature(args: tuple, kwargs: dict) -> tuple:
-    """What decides which graph a call may run: the tensors' shapes, dtypes and devices, and
-    the values of plain arguments (a flag, a size)."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (str(spec),) + tuple(_leaf_key(v) for v in leaves)
+            return None
+    return (spec,) + tuple(_leaf_key(v) for v in leaves)
 
 
 def same_outputs(a: Any, b: Any) -> bool:
