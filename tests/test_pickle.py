@@ -24,7 +24,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 import convbn_fx
 from convbn_fx import Mode
-from convbn_fx.model.parts import rewritten_graphs
+from convbn_fx.model.parts import is_rewritten, rewritten_graphs
 from convbn_fx.model.pickling import PortableGraph, importable
 from convbn_fx.tools.testing import finetune_state, frozen_state, output_tensors, randomize_bn
 from tiny_resnet import TinyResNet, Untraced, build
@@ -292,3 +292,33 @@ def test_pickled_graph_keeps_node_names_and_targets():
     assert [(n.op, n.name, n.target) for n in again.nodes] == \
         [(n.op, n.name, n.target) for n in graph.nodes]
     assert str(again) == str(graph)
+
+
+class _SkipIf(nn.Module):
+    """A forward whose trace takes the wrong branch (`hasattr` of a Proxy is always True): the
+    trace check fails, and the module runs its own forward with its children rewritten on
+    their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        s = self.stem(x)
+        if hasattr(s, "no_such_attribute"):
+            s = s + 1
+        return self.body(s)
+
+
+def test_a_model_whose_trace_failed_its_check_round_trips():
+    model = finetune_state(randomize_bn(_SkipIf()))
+    tuned = convbn_fx.tune_mode(model)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    torch.testing.assert_close(tuned(x), expected)  # the check failed: the children are parts
+    assert all(is_rewritten(c) for c in tuned.children())
+    loaded = _save_load(tuned)
+    assert all(is_rewritten(c) for c in loaded.children())
+    torch.testing.assert_close(loaded(x), expected)
+    assert _lowerings(loaded) == _lowerings(tuned)
