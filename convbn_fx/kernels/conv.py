@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .fold import channel_sum, scale_weight
+from .fold import channel_dot, scale_weight
 
 __all__ = ["conv_function", "convolution", "conv_scaled", "ConvScaledWeight", "use_custom_op",
            "needs_grad", "conv_scaled_op"]
@@ -65,22 +65,29 @@ class ConvScaledWeight(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.config
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
-        w = scale_weight(weight, scale, transposed, groups)  # recomputed, never stored
+        # Only the input's gradient reads W·s: the weight's reads x and grad_out alone, so a
+        # network's first conv (its input needs no grad) does not recompute it.
+        w = scale_weight(weight, scale, transposed, groups) if need_x else weight
         dtype = ctx.compute_dtype  # backward of autocast's casts: compute as forward did
         # A transposed conv's bias gradient sums naively on CPU (~100x float32's eps off);
         # torch.sum is as accurate as BN's own backward. Plain convs get it from the kernel.
         bias_here = need_b and ctx.bias_sizes is not None and not transposed
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_x, grad_ws, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), x.to(dtype), w.to(dtype), ctx.bias_sizes, stride, padding,
             dilation, transposed, output_padding, groups, [need_x, need_w or need_s, bias_here],
         )
         grad_x = grad_x.to(x.dtype) if grad_x is not None else None
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         if need_b and ctx.bias_sizes is not None and transposed:
             grad_b = grad_out.sum([0] + list(range(2, grad_out.dim())))
         grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
-        grad_weight = scale_weight(grad_w, scale, transposed, groups) if need_w else None
-        grad_scale = channel_sum(grad_w * weight, transposed, groups) if need_s else None
+        grad_weight = grad_scale = None
+        if need_w or need_s:  # ∂W' is ours: W·s's buffer (free now) and ∂W' itself are reused
+            grad_ws = grad_ws.to(weight.dtype)
+            if need_s:
+                grad_scale = channel_dot(grad_ws, weight, transposed, groups,
+                                         scratch=w if need_x else None)
+            if need_w:
+                grad_weight = scale_weight(grad_ws, scale, transposed, groups, out=grad_ws)
         return (grad_x, grad_weight, grad_scale, grad_b) + (None,) * 6
 
 

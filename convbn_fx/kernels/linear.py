@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import needs_grad, use_custom_op
-from .fold import scale_weight
+from .fold import channel_dot, scale_weight
 
 __all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op"]
 
@@ -35,13 +35,15 @@ class LinearScaledWeight(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         need_x, need_w, need_s, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_s = grad_b = None
+        w = None
         if need_x:
-            grad_x = grad_out @ scale_weight(weight, scale)  # recomputed, never stored
+            w = scale_weight(weight, scale)  # recomputed, never stored
+            grad_x = grad_out @ w
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_w or need_s:
-            grad_ws = grad_2d.t() @ x.reshape(-1, x.shape[-1])  # gradient of W·s
-            grad_w = scale_weight(grad_ws, scale) if need_w else None
-            grad_s = (grad_ws * weight).sum(1) if need_s else None
+        if need_w or need_s:  # the gradient of W·s is ours, and so is W·s's buffer now
+            grad_ws = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_s = channel_dot(grad_ws, weight, scratch=w) if need_s else None
+            grad_w = scale_weight(grad_ws, scale, out=grad_ws) if need_w else None
         if need_b and ctx.has_bias:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_s, grad_b
