@@ -12,6 +12,11 @@ what the original rejects the rewrite rejects.
 
 `conv` and `norm` are the block's modules when the graph called them whole (their call is
 the reference), else None (a traced-through subclass: its functional calls are).
+
+`choose` is set where `auto` picked Tune: the block's name, under which the Tune kernels
+record the path each call takes. Then a batched call folds only where Tune pays for the
+sizes at hand (choice.py) and otherwise runs the block unfolded, exactly as Eval does;
+without it (`mode="tune"`) every batched call folds.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choice import conv_output_numel, record, tune_pays
 from .conv import conv_scaled, convolution
 from .fold import scale_and_shift, scale_weight
 from .frozen import frozen_fold
@@ -71,6 +77,35 @@ def _batched(x: torch.Tensor, spatial: int) -> bool:
     return x.dim() == spatial + 2
 
 
+def _folds(x: torch.Tensor, weight: torch.Tensor, cfg: dict, choose: str | None) -> bool:
+    """Fold this call: a batched input, and Tune pays for its sizes where `auto` chose."""
+    if not _batched(x, len(cfg["stride"])) or choose is None:
+        return _unchosen(x.dim() == len(cfg["stride"]) + 2, weight, choose)
+    out = conv_output_numel(x, weight, cfg["stride"], cfg["padding"], cfg["dilation"],
+                            cfg["transposed"], cfg["output_padding"], cfg["groups"],
+                            cfg["pre_pad"])
+    return _chosen(choose, out, weight)
+
+
+def _linear_folds(x: torch.Tensor, weight: torch.Tensor, choose: str | None) -> bool:
+    """`_folds` for a Linear: a rank-2 input, whose output is (N, out_features)."""
+    if x.dim() != 2 or choose is None:
+        return _unchosen(x.dim() == 2, weight, choose)
+    return _chosen(choose, x.shape[0] * weight.shape[0], weight)
+
+
+def _unchosen(batched: bool, weight: torch.Tensor, choose: str | None) -> bool:
+    if not batched and choose is not None:
+        record(choose, False, -1, weight.numel())
+    return batched
+
+
+def _chosen(choose: str, out_numel: int, weight: torch.Tensor) -> bool:
+    tuned = tune_pays(out_numel, weight.numel())
+    record(choose, tuned, out_numel, weight.numel())
+    return tuned
+
+
 def _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
             pad_mode) -> dict:
     """The conv's configuration, per-dimension defaults (`(1,)`) widened to its rank."""
@@ -91,7 +126,7 @@ def conv_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  transposed: bool = False, output_padding: Sequence[int] = (0,),
                  groups: int = 1, pre_pad=None,
                  pad_mode: str = "constant", checks: Checks = (), conv=None, norm=None,
-                 epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
+                 epilogue: Sequence[nn.Module] = (), choose: str | None = None) -> torch.Tensor:
     """Tune (You et al., arXiv 2305.11624, eq. 4): `conv(x, W·s, b')`, folded on every call.
 
     `s = γ·rsqrt(var+ε)`, `b' = β + s·(b − μ)`; gradients reach W, b, γ, β as in Eval, and
@@ -99,7 +134,7 @@ def conv_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
                   pad_mode)
-    if not _batched(x, len(stride)):
+    if not _folds(x, weight, cfg, choose):
         z = _conv(x, weight, bias, cfg, conv)
         return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
     scale, shift = scale_and_shift(bias, mean, var, gamma, beta, eps)
@@ -133,9 +168,10 @@ def conv_bn_deploy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
                    beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
-                   norm=None, epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
+                   norm=None, epilogue: Sequence[nn.Module] = (),
+                   choose: str | None = None) -> torch.Tensor:
     """Tune for Linear→BatchNorm1d: `linear(x, W·s, b')` on a rank-2 input."""
-    if x.dim() != 2:
+    if not _linear_folds(x, weight, choose):
         z = conv(x) if conv is not None else F.linear(x, weight, bias)
         return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
     out = linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
@@ -161,12 +197,13 @@ def conv_affine_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      padding: Sequence[int], dilation: Sequence[int] = (1,),
                      transposed: bool = False, output_padding: Sequence[int] = (0,),
                      groups: int = 1, pre_pad=None, pad_mode: str = "constant",
-                     negate_shift: bool = False, conv=None) -> torch.Tensor:
+                     negate_shift: bool = False, conv=None,
+                     choose: str | None = None) -> torch.Tensor:
     """Tune for a conv and an affine epilogue `conv(x)·S + B` (a frozen norm written as
     arithmetic): `conv(x, W·s, s·b + B)`, S and B one value per output channel."""
     cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
                   pad_mode)
-    if not _batched(x, len(stride)):
+    if not _folds(x, weight, cfg, choose):
         return _affine_unfolded(_conv(x, weight, bias, cfg, conv), scale, shift, negate_shift)
     s, b = _affine_fold(bias, scale, shift, negate_shift)
     return conv_scaled(_padded(x, pre_pad, pad_mode), weight, s, b, cfg["stride"],

@@ -24,7 +24,8 @@ import torch
 from ..frontends.tune import NOTHING_FOLDS
 from ..vocabulary.errors import BATCH_STATISTICS, TRAINABLE, ConvBNError, ModeError
 from . import measure as measuring
-from .fit import fit_batches, parse_size
+from .arguments import batch_sizes, block_count, input_shape, memory_size, mode_list, positive
+from .fit import fit_batches
 from .measure_table import format_fit_json, format_fit_text
 from .measure_table import format_json as format_measure_json
 from .measure_table import format_text as format_measure_text
@@ -110,58 +111,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}; see {self.prog} --help.\n")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a block count (0 or more), got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
-    return value
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    parts = text.lower().split("x")
-    if len(parts) < 2 or not all(p.isdecimal() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected sizes joined by x, like 8x3x224x224, got "
-                                         f"{text!r}")
-    return tuple(int(p) for p in parts)
-
-
-def _batches(text: str) -> list[int]:
-    parts = text.split(",")
-    if not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected batch sizes joined by commas, like "
-                                         f"4,8,16,32, got {text!r}")
-    return [int(p) for p in parts]
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",")]
-    bad = [m for m in modes if m not in measuring.MODES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown mode {bad[0]!r}, expected a comma-separated "
-                                         f"list of {', '.join(measuring.MODES)}")
-    return modes
-
-
 def _add_measure(commands) -> None:
     measure = commands.add_parser(
         "measure", help="what Tune saves on a model: peak memory by category, step time; "
@@ -171,17 +120,17 @@ def _add_measure(commands) -> None:
     measure.add_argument("spec", metavar="SPEC",
                          help="torchvision name, timm/NAME or package.module:callable")
     shape = measure.add_argument_group("input (default: --batch 8 --size 224)")
-    shape.add_argument("--input", type=_shape, metavar="SHAPE",
+    shape.add_argument("--input", type=input_shape, metavar="SHAPE",
                        help="the whole input shape, e.g. 8x3x224x224 or 16x3x100 (Conv1d)")
-    shape.add_argument("--batch", type=_positive, metavar="N", help="batch size (default 8)")
-    shape.add_argument("--size", type=_positive, metavar="S",
+    shape.add_argument("--batch", type=positive, metavar="N", help="batch size (default 8)")
+    shape.add_argument("--size", type=positive, metavar="S",
                        help="image side: input N x 3 x S x S (default 224)")
-    shape.add_argument("--sweep-batch", type=_batches, metavar="B,B,...",
+    shape.add_argument("--sweep-batch", type=batch_sizes, metavar="B,B,...",
                        help="measure at each of these batch sizes (memory vs batch)")
     measure.add_argument("--state", choices=list(measuring.MEASURE_STATES), default="finetune",
                          help="finetune: train mode with frozen BN, one SGD step; frozen: "
                               "inference (default: finetune)")
-    measure.add_argument("--modes", type=_modes, default=list(measuring.MODES),
+    measure.add_argument("--modes", type=mode_list, default=list(measuring.MODES),
                          metavar="M,M,...",
                          help="modes to measure, of eval,tune,deploy (default: all); eval "
                               "is always measured, as the reference")
@@ -189,14 +138,14 @@ def _add_measure(commands) -> None:
                          help="wrap every mode in torch.compile")
     measure.add_argument("--device", choices=["cpu", "cuda"],
                          help="where to run (default: cuda if available, else cpu)")
-    measure.add_argument("--steps", type=_positive, default=5, metavar="N",
+    measure.add_argument("--steps", type=positive, default=5, metavar="N",
                          help="timed steps per mode, after a warm-up step (default: 5)")
     memory = measure.add_argument_group("memory")
     memory.add_argument("--estimate", action="store_true",
                         help="estimate the peak on fake tensors: any batch and size in seconds, "
                              "nothing timed (tensor memory only: no allocator cache, cuDNN "
                              "workspaces or CUDA context)")
-    memory.add_argument("--fit", type=_size, metavar="SIZE",
+    memory.add_argument("--fit", type=memory_size, metavar="SIZE",
                         help="the largest batch per mode whose estimated peak fits in SIZE, "
                              "e.g. 24GiB or 80GB (searches on estimates)")
     memory.add_argument("--process-peak", action="store_true",
@@ -243,10 +192,19 @@ def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
                              "(default: auto)")
     report.add_argument("--blocks", action="store_true",
                         help="list every block, not only the skipped ones")
+    shape = report.add_argument_group(
+        "input (optional): call the rewritten model once on it, and say which path (Tune or "
+        "Eval) each block auto lowered to Tune took")
+    shape.add_argument("--input", type=input_shape, metavar="SHAPE",
+                       help="the whole input shape, e.g. 2x3x64x64")
+    shape.add_argument("--batch", type=positive, metavar="N",
+                       help="batch size (default 8 with --size)")
+    shape.add_argument("--size", type=positive, metavar="S",
+                       help="image side: input N x 3 x S x S (default 224 with --batch)")
     report.add_argument("--format", choices=list(FORMATS), default="plain",
                         help="plain text, GitHub markdown (for $GITHUB_STEP_SUMMARY) or JSON "
                              "(default: plain)")
-    report.add_argument("--expect", type=_non_negative, metavar="N",
+    report.add_argument("--expect", type=block_count, metavar="N",
                         help="exit 1 when fewer than N blocks are folded (Tune or Deploy)")
     report.add_argument("--fail-on-skip", action="store_true",
                         help="exit 1 when any block is skipped (not lowered at all)")
@@ -273,7 +231,7 @@ def _version() -> str:
 def _run_report(args: argparse.Namespace) -> int:
     model = build_model(args.spec)
     try:
-        report = make_report(model, args.spec, args.state, args.mode)
+        report = make_report(model, args.spec, args.state, args.mode, _one_shape(args))
     except ModeError as exc:
         sentence = _forced_mode_sentence(exc, args)
         if sentence is None:
@@ -303,14 +261,21 @@ def _forced_mode_sentence(exc: ModeError, args: argparse.Namespace) -> str | Non
     return None
 
 
-def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
+def _one_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The shape --input or --batch/--size give (their defaults filling in), None for neither."""
     if args.input and (args.batch or args.size):
         raise ConvBNError("--input and --batch/--size both set the input shape; pass one of "
                           "them.")
+    if not (args.input or args.batch or args.size):
+        return None
+    return args.input or (args.batch or 8, 3, args.size or 224, args.size or 224)
+
+
+def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
     if args.sweep_batch and args.batch:
         raise ConvBNError("--sweep-batch and --batch both set the batch size; pass one of "
                           "them.")
-    shape = args.input or (args.batch or 8, 3, args.size or 224, args.size or 224)
+    shape = _one_shape(args) or (8, 3, 224, 224)
     return [(b, *shape[1:]) for b in args.sweep_batch] if args.sweep_batch else [shape]
 
 
