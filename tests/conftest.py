@@ -25,5 +25,5 @@ def _fold_every_call(request, monkeypatch):
     `auto` would run Eval per call (kernels/choice.py): there every call folds, as under
     `mode="tune"`. Tests marked `per_call` run the real rule."""
     if request.node.get_closest_marker("per_call") is None:
-        monkeypatch.setattr(choice, "TUNE_PAYS_AT", 0.0)
-        monkeypatch.setattr(choice, "TUNE_PAYS_AT_INFERENCE", 0.0)
+        monkeypatch.setattr(choice, "WEIGHT_COST", 0.0)
+        monkeypatch.setattr(choice, "CALL_COST", 0)

@@ -24,8 +24,9 @@ from float64 import assert_algebra, outputs_and_grads
 
 pytestmark = pytest.mark.per_call
 
-# 3x3 convs of 16 channels: 2,304 weight elements; the conv output has 16·N·H·W.
-SMALL, LARGE = (1, 3, 4, 4), (2, 3, 24, 24)     # 256 output elements per block; 18,432
+# 3x3 convs of 16 channels: 2,304 weight elements, Tune's cost 3·2,304 + 2^17 = 137,984 BN
+# output elements (choice.py); the conv output has 16·N·H·W.
+SMALL, LARGE = (1, 3, 4, 4), (2, 3, 68, 68)     # 256 output elements per block; 147,968
 
 
 class Net(nn.Module):
@@ -103,7 +104,7 @@ def test_describe_says_which_path_and_why():
     tuned(_input(LARGE))
     info = convbn_fx.describe(tuned)[1]
     assert (info.bn, info.lowering, info.path) == ("bn2", Mode.TUNE, Mode.TUNE)
-    assert "18,432 elements" in info.path_reason and "2,304" in info.path_reason
+    assert "147,968 elements" in info.path_reason and "2,304" in info.path_reason
     with torch.no_grad():
         tuned(_input(SMALL))
     info = convbn_fx.describe(tuned)[1]
@@ -125,11 +126,17 @@ def test_the_rule_counts_output_against_weight_elements(monkeypatch):
     args = (x, conv.weight, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, 1e-5,
             [1, 1], [1, 1])
     store: dict = {}
-    for ratio, tuned in ((1.0, True), (1.01, False)):
-        monkeypatch.setattr(choice, "TUNE_PAYS_AT", ratio)
-        with choice.recording(store):
+    big = 10 ** 9
+    for weight_cost, call_cost, keep, grad, tuned in (
+            (1.0, 0, big, True, True), (1.01, 0, big, True, False), (1.0, 1, big, True, False),
+            (0.0, 2304, big, False, True), (9.0, big, 2304, True, True),   # Eval keeps too much
+            (9.0, big, 2304, False, False)):                               # nothing is kept
+        monkeypatch.setattr(choice, "WEIGHT_COST", weight_cost)
+        monkeypatch.setattr(choice, "CALL_COST", call_cost)
+        monkeypatch.setattr(choice, "KEEP_LIMIT", keep)
+        with choice.recording(store), torch.set_grad_enabled(grad):
             conv_bn_tune(*args, choose="b")
-        assert store["b"] == (tuned, 2304, 2304)
+        assert store["b"] == (tuned, 2304, 2304, grad)
 
 
 @pytest.mark.parametrize("frozen", ["conv", "bn"])

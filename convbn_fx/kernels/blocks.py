@@ -96,13 +96,14 @@ def _linear_folds(x: torch.Tensor, weight: torch.Tensor, choose: str | None) -> 
 
 def _unchosen(batched: bool, weight: torch.Tensor, choose: str | None) -> bool:
     if not batched and choose is not None:
-        record(choose, False, -1, weight.numel())
+        record(choose, False, -1, weight.numel(), torch.is_grad_enabled())
     return batched
 
 
 def _chosen(choose: str, out_numel: int, weight: torch.Tensor) -> bool:
-    tuned = tune_pays(out_numel, weight.numel())
-    record(choose, tuned, out_numel, weight.numel())
+    grad = torch.is_grad_enabled()
+    tuned = tune_pays(out_numel, weight.numel(), grad)
+    record(choose, tuned, out_numel, weight.numel(), grad)
     return tuned
 
 

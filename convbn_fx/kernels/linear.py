@@ -14,21 +14,24 @@ import torch.nn.functional as F
 from .conv import needs_grad, use_custom_op
 from .fold import channel_dot, scale_weight
 
-__all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op"]
+__all__ = ["linear_scaled", "LinearScaledWeight", "save_linear_context", "linear_scaled_op"]
+
+
+def save_linear_context(ctx, inputs, output):
+    """What backward needs, saved on `ctx`: the forward's and the custom op's setup_context."""
+    x, weight, scale, bias = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.has_bias = bias is not None
 
 
 class LinearScaledWeight(torch.autograd.Function):
     """linear(x, W·s, bias) that keeps x, W and s for backward, not W·s (as `conv_scaled`)."""
 
     @staticmethod
-    def forward(x, weight, scale, bias):
-        return F.linear(x, scale_weight(weight, scale), bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, scale, bias = inputs
-        ctx.save_for_backward(x, weight, scale)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, scale, bias):  # ctx first: see ConvScaledWeight
+        out = F.linear(x, scale_weight(weight, scale), bias)
+        save_linear_context(ctx, (x, weight, scale, bias), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -59,7 +62,7 @@ linear_scaled_op = torch.library.custom_op("convbn_fx::linear_scaled", _linear_s
                                            mutates_args=())
 linear_scaled_op.register_fake(_linear_scaled_op)
 linear_scaled_op.register_autograd(LinearScaledWeight.backward,
-                                   setup_context=LinearScaledWeight.setup_context)
+                                   setup_context=save_linear_context)
 
 
 def linear_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
