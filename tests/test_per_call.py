@@ -165,3 +165,13 @@ def test_copies_and_pickles_carry_no_recorded_paths():
     again = copy.deepcopy(tuned)
     assert all(i.path is None for i in convbn_fx.describe(again))
     assert set(tuned.state_dict()) == set(_model().state_dict())
+
+
+def test_torch_compile_specialises_each_size_and_stays_exact():
+    """Under torch.compile the choice is a branch on static shapes: one graph per path."""
+    model = _model()
+    tuned = convbn_fx.tune_mode(copy.deepcopy(model))
+    compiled = torch.compile(tuned, backend="eager")
+    for shape in (SMALL, LARGE, SMALL):
+        assert_algebra(model, compiled, tuned, _input(shape))
+    assert all(i.path is None for i in convbn_fx.describe(tuned))  # nothing recorded there

@@ -77,13 +77,13 @@ def _batched(x: torch.Tensor, spatial: int) -> bool:
     return x.dim() == spatial + 2
 
 
-def _folds(x: torch.Tensor, weight: torch.Tensor, cfg: dict, choose: str | None) -> bool:
+def _folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, transposed,
+           output_padding, groups, pre_pad, choose: str | None) -> bool:
     """Fold this call: a batched input, and Tune pays for its sizes where `auto` chose."""
-    if not _batched(x, len(cfg["stride"])) or choose is None:
-        return _unchosen(x.dim() == len(cfg["stride"]) + 2, weight, choose)
-    out = conv_output_numel(x, weight, cfg["stride"], cfg["padding"], cfg["dilation"],
-                            cfg["transposed"], cfg["output_padding"], cfg["groups"],
-                            cfg["pre_pad"])
+    if not _batched(x, len(stride)) or choose is None:
+        return _unchosen(_batched(x, len(stride)), weight, choose)
+    out = conv_output_numel(x, weight, stride, padding, dilation, transposed, output_padding,
+                            groups, pre_pad)
     return _chosen(choose, out, weight)
 
 
@@ -133,11 +133,14 @@ def conv_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     `s = γ·rsqrt(var+ε)`, `b' = β + s·(b − μ)`; gradients reach W, b, γ, β as in Eval, and
     `conv_scaled` keeps x, W and s for backward, not the conv output (see kernels/conv.py).
     """
-    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
-                  pad_mode)
-    if not _folds(x, weight, cfg, choose):
+    if not _folds(x, weight, stride, padding, dilation, transposed, output_padding, groups,
+                  pre_pad, choose):
+        cfg = None if conv is not None else _config(stride, padding, dilation, transposed,
+                                                    output_padding, groups, pre_pad, pad_mode)
         z = _conv(x, weight, bias, cfg, conv)
         return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
     scale, shift = scale_and_shift(bias, mean, var, gamma, beta, eps)
     out = conv_scaled(_padded(x, pre_pad, pad_mode), weight, scale, shift, cfg["stride"],
                       cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
@@ -204,7 +207,8 @@ def conv_affine_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     arithmetic): `conv(x, W·s, s·b + B)`, S and B one value per output channel."""
     cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
                   pad_mode)
-    if not _folds(x, weight, cfg, choose):
+    if not _folds(x, weight, stride, padding, dilation, transposed, output_padding, groups,
+                  pre_pad, choose):
         return _affine_unfolded(_conv(x, weight, bias, cfg, conv), scale, shift, negate_shift)
     s, b = _affine_fold(bias, scale, shift, negate_shift)
     return conv_scaled(_padded(x, pre_pad, pad_mode), weight, s, b, cfg["stride"],

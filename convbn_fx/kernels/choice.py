@@ -57,17 +57,20 @@ def conv_output_numel(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[in
                       padding: Sequence[int], dilation: Sequence[int], transposed: bool,
                       output_padding: Sequence[int], groups: int,
                       pre_pad: Sequence[int] | None = None) -> int:
-    """Elements of `torch.convolution`'s output for a batched input, from the shapes alone."""
-    sizes = list(x.shape[2:])
-    if pre_pad is not None:  # F.pad amounts: the last dim first, (before, after) pairs
-        for i in range(len(pre_pad) // 2):
-            sizes[-1 - i] += pre_pad[2 * i] + pre_pad[2 * i + 1]
-    kernel = weight.shape[2:]
-    out = x.shape[0] * (weight.shape[1] * groups if transposed else weight.shape[0])
-    for i, size in enumerate(sizes):
-        span = dilation[i] * (kernel[i] - 1)
+    """Elements of `torch.convolution`'s output for a batched input, from the shapes alone
+    (a one-element `dilation` or `output_padding` holds for every dimension)."""
+    xs, ws = x.shape, weight.shape
+    out = xs[0] * (ws[1] * groups if transposed else ws[0])
+    dims = len(xs) - 2
+    for i in range(dims):
+        size = xs[2 + i]
+        if pre_pad is not None:  # F.pad amounts: the last dim first, (before, after) pairs
+            j = 2 * (dims - 1 - i)
+            size += pre_pad[j] + pre_pad[j + 1]
+        span = dilation[i if len(dilation) > 1 else 0] * (ws[2 + i] - 1)
         if transposed:
-            out *= (size - 1) * stride[i] - 2 * padding[i] + span + output_padding[i] + 1
+            extra = output_padding[i if len(output_padding) > 1 else 0]
+            out *= (size - 1) * stride[i] - 2 * padding[i] + span + extra + 1
         else:
             out *= (size + 2 * padding[i] - span - 1) // stride[i] + 1
     return out
