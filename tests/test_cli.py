@@ -213,6 +213,10 @@ BAD_INPUT = [
     pytest.param(["report", "timm/efficientnet_b9"], "unknown timm model 'efficientnet_b9' "
                  "(did you mean efficientnet_b8", id="unknown-timm-model"),
     pytest.param(["report", "timm/"], "unknown timm model ''", id="empty-timm-name"),
+    pytest.param(["report", SKIPPY, "--input", "2x3x8x8", "--size", "8"],
+                 "--input and --batch/--size both set the input shape", id="input-and-size"),
+    pytest.param(["report", SKIPPY, "--input", "2x5x8x8"], "does not accept an input of shape "
+                 "2x5x8x8", id="input-rejected"),
 ]
 
 
@@ -307,6 +311,21 @@ def test_help_exits_zero(capsys, argv):
 
 
 # -- JSON -----------------------------------------------------------------------------------
+
+
+@pytest.mark.per_call
+def test_report_input_says_which_path_each_block_took(capsys):
+    """At 2x3x128x128 resnet18's layer4 convs have 16,384 outputs to 2.4M weights: Eval; the
+    stem's 524,288 outputs are 56x its weight: Tune. Without --input no path is given."""
+    data = report_json(capsys, "resnet18", "--input", "2x3x128x128")
+    blocks = {b["bn"]: b for b in data["blocks"]}
+    assert data["input"] == [2, 3, 128, 128] and data["counts"]["tune"] == 20
+    assert (blocks["bn1"]["path"], blocks["layer4.1.bn2"]["path"]) == ("tune", "eval")
+    assert "2,359,296" in blocks["layer4.1.bn2"]["path_reason"]
+    assert sum(data["paths"].values()) == 20
+    code, out, _ = run(capsys, "report", "resnet18", "--batch", "2", "--size", "128", "--blocks")
+    assert code == 0 and "One call on 2x3x128x128" in out and "path" in out
+    assert "path" not in report_json(capsys, "resnet18")["blocks"][0]
 
 
 def test_json_round_trip(capsys):

@@ -19,7 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 CASES = [
     pytest.param("finetune_classification.py",
-                 ["--steps", "3", "--batch-size", "4", "--image-size", "32"],
+                 ["--steps", "3", "--batch-size", "4", "--image-size", "128"],
                  ["auto picked tune", "OK: loss curves agree"], id="finetune_classification"),
     pytest.param("detection_frozen_bn.py",
                  ["--steps", "1", "--batch-size", "1", "--min-size", "96", "--max-size", "128"],

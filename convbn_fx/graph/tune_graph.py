@@ -13,9 +13,10 @@ of the torch.compile backend and inductor's pre-grad pass, `torch.export` progra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch.fx
@@ -43,6 +44,7 @@ class TuneResult:
     blocks: list[Block]                 # every block found, as found (nodes of the input)
     lowerings: list[Mode | None]        # per block; None: left as is
     modified: bool                      # whether any block's nodes changed
+    per_call: list[bool] = field(default_factory=list)  # per block: Tune or Eval per call
 
     def infos(self, prefix: str = "") -> list[BlockInfo]:
         """The public summary of each block, names prefixed with `prefix.`."""
@@ -92,18 +94,25 @@ def tune_graph(graph: torch.fx.Graph | torch.fx.GraphModule, mode: ModeArg = "au
                     block.reason = guard(block)
     if state is None:
         state = module_state(root) if root is not None else graph_state
-    chosen = [choose_mode(b, state(b), rule, prefix=prefix, strict=strict) if b.foldable
-              else None for b in blocks]
+    states = [state(b) if b.foldable else None for b in blocks]
+    chosen = [choose_mode(b, s, rule, prefix=prefix, strict=strict) if b.foldable
+              else None for b, s in zip(blocks, states)]
     if reuse is not None and chosen == reuse.lowerings:
         return reuse
+    # auto's Tune on a module graph picks Tune or Eval per call from the shapes; a forced
+    # Tune folds on every call, and so do compiled and exported graphs (shapes fixed there).
+    per_call = [rule == "auto" and m is Mode.TUNE and s.requires_grad is not None
+                for m, s in zip(chosen, states)]
+    marked = [dataclasses.replace(b, per_call=True) if p else b
+              for b, p in zip(blocks, per_call)]
     if inplace:
-        changed = lower_in_place(graph, blocks, chosen, table=lowerings) \
+        changed = lower_in_place(graph, marked, chosen, table=lowerings) \
             if any(m is not None for m in chosen) else 0
-        result = TuneResult(graph, blocks, chosen, changed > 0)
+        result = TuneResult(graph, blocks, chosen, changed > 0, per_call)
         if gm is not None and changed:
             gm.recompile()
     else:
-        lowered, changed = lower_graph(graph, blocks, chosen, lowerings)
-        result = TuneResult(lowered, blocks, chosen, changed > 0)
+        lowered, changed = lower_graph(graph, marked, chosen, lowerings)
+        result = TuneResult(lowered, blocks, chosen, changed > 0, per_call)
     log.debug("tune_graph%s: %s", f" {prefix}" if prefix else "", result.counts() or "no blocks")
     return result

@@ -12,16 +12,23 @@ what the original rejects the rewrite rejects.
 
 `conv` and `norm` are the block's modules when the graph called them whole (their call is
 the reference), else None (a traced-through subclass: its functional calls are).
+
+`choose` is set where `auto` picked Tune: the block's name, under which the Tune kernels
+record the path each call takes. Then a batched call folds only where Tune pays for the
+sizes at hand (choice.py) and otherwise runs the block unfolded, exactly as Eval does;
+without it (`mode="tune"`) every batched call folds.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choice import conv_output_numel, record, tune_pays
 from .conv import conv_scaled, convolution
 from .fold import scale_and_shift, scale_weight
 from .frozen import frozen_fold
@@ -71,6 +78,38 @@ def _batched(x: torch.Tensor, spatial: int) -> bool:
     return x.dim() == spatial + 2
 
 
+def _folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, transposed,
+           output_padding, groups, pre_pad, choose: str | None) -> bool:
+    """Fold this call: a batched input, and Tune pays for its sizes where `auto` chose."""
+    if not _batched(x, len(stride)) or choose is None:
+        return _unchosen(_batched(x, len(stride)), weight, choose)
+    out = conv_output_numel(x, weight, stride, padding, dilation, transposed, output_padding,
+                            groups, pre_pad)
+    return _chosen(choose, out, weight)
+
+
+def _linear_folds(x: torch.Tensor, weight: torch.Tensor, choose: str | None,
+                  flatten: Sequence[int] | None = None) -> bool:
+    """`_folds` for a Linear: where the norm sees (N, out_features), see linear_bn_tune."""
+    batched = _features_normalised(x, flatten)
+    if not batched or choose is None:
+        return _unchosen(batched, weight, choose)
+    return _chosen(choose, math.prod(x.shape[:-1]) * weight.shape[0], weight)
+
+
+def _unchosen(batched: bool, weight: torch.Tensor, choose: str | None) -> bool:
+    if not batched and choose is not None:
+        record(choose, False, -1, weight.numel(), torch.is_grad_enabled())
+    return batched
+
+
+def _chosen(choose: str, out_numel: int, weight: torch.Tensor) -> bool:
+    grad = torch.is_grad_enabled()
+    tuned = tune_pays(out_numel, weight.numel(), grad)
+    record(choose, tuned, out_numel, weight.numel(), grad)
+    return tuned
+
+
 def _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
             pad_mode) -> dict:
     """The conv's configuration, per-dimension defaults (`(1,)`) widened to its rank."""
@@ -91,17 +130,20 @@ def conv_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  transposed: bool = False, output_padding: Sequence[int] = (0,),
                  groups: int = 1, pre_pad=None,
                  pad_mode: str = "constant", checks: Checks = (), conv=None, norm=None,
-                 epilogue: Sequence[nn.Module] = ()) -> torch.Tensor:
+                 epilogue: Sequence[nn.Module] = (), choose: str | None = None) -> torch.Tensor:
     """Tune (You et al., arXiv 2305.11624, eq. 4): `conv(x, W·s, b')`, folded on every call.
 
     `s = γ·rsqrt(var+ε)`, `b' = β + s·(b − μ)`; gradients reach W, b, γ, β as in Eval, and
     `conv_scaled` keeps x, W and s for backward, not the conv output (see kernels/conv.py).
     """
-    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
-                  pad_mode)
-    if not _batched(x, len(stride)):
+    if not _folds(x, weight, stride, padding, dilation, transposed, output_padding, groups,
+                  pre_pad, choose):
+        cfg = None if conv is not None else _config(stride, padding, dilation, transposed,
+                                                    output_padding, groups, pre_pad, pad_mode)
         z = _conv(x, weight, bias, cfg, conv)
         return _unfolded(z, mean, var, gamma, beta, eps, checks, norm, epilogue)
+    cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+                  pad_mode)
     scale, shift = scale_and_shift(bias, mean, var, gamma, beta, eps)
     out = conv_scaled(_padded(x, pre_pad, pad_mode), weight, scale, shift, cfg["stride"],
                       cfg["padding"], cfg["dilation"], transposed, cfg["output_padding"], groups)
@@ -160,13 +202,14 @@ def linear_bn_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
                    beta: torch.Tensor | None, eps: float, checks: Checks = (), conv=None,
                    norm=None, epilogue: Sequence[nn.Module] = (),
-                   flatten: Sequence[int] | None = None) -> torch.Tensor:
+                   flatten: Sequence[int] | None = None,
+                   choose: str | None = None) -> torch.Tensor:
     """Tune for Linear→BatchNorm1d: `linear(x, W·s, b')` where the norm sees (N, F).
 
     With `flatten`, the norm read `linear(x).flatten(*flatten)`: the result keeps the Linear
     output's shape and the graph flattens it after this call.
     """
-    if not _features_normalised(x, flatten):
+    if not _linear_folds(x, weight, choose, flatten):
         return _linear_unfolded(x, weight, bias, mean, var, gamma, beta, eps, checks, conv,
                                 norm, epilogue, flatten)
     out = linear_scaled(x, weight, *scale_and_shift(bias, mean, var, gamma, beta, eps))
@@ -193,12 +236,14 @@ def conv_affine_tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      padding: Sequence[int], dilation: Sequence[int] = (1,),
                      transposed: bool = False, output_padding: Sequence[int] = (0,),
                      groups: int = 1, pre_pad=None, pad_mode: str = "constant",
-                     negate_shift: bool = False, conv=None) -> torch.Tensor:
+                     negate_shift: bool = False, conv=None,
+                     choose: str | None = None) -> torch.Tensor:
     """Tune for a conv and an affine epilogue `conv(x)·S + B` (a frozen norm written as
     arithmetic): `conv(x, W·s, s·b + B)`, S and B one value per output channel."""
     cfg = _config(stride, padding, dilation, transposed, output_padding, groups, pre_pad,
                   pad_mode)
-    if not _batched(x, len(stride)):
+    if not _folds(x, weight, stride, padding, dilation, transposed, output_padding, groups,
+                  pre_pad, choose):
         return _affine_unfolded(_conv(x, weight, bias, cfg, conv), scale, shift, negate_shift)
     s, b = _affine_fold(bias, scale, shift, negate_shift)
     return conv_scaled(_padded(x, pre_pad, pad_mode), weight, s, b, cfg["stride"],

@@ -17,9 +17,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .fold import channel_sum, scale_weight
+from .fold import channel_dot, scale_weight
 
-__all__ = ["conv_function", "convolution", "conv_scaled", "ConvScaledWeight", "use_custom_op",
+__all__ = ["conv_function", "convolution", "conv_scaled", "ConvScaledWeight", "save_conv_context",
+           "use_custom_op",
            "needs_grad", "conv_scaled_op"]
 
 
@@ -41,46 +42,62 @@ def convolution(x, weight, bias, stride, padding, dilation, transposed, output_p
     return fn(x, weight, bias, stride, padding, dilation, groups)
 
 
+def save_conv_context(ctx, inputs, output):
+    """What backward needs, saved on `ctx`: the forward's and the custom op's setup_context."""
+    x, weight, scale, bias, *config = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.config = config
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+    ctx.compute_dtype = output.dtype  # differs from x's under autocast
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 class ConvScaledWeight(torch.autograd.Function):
-    """conv(x, W·s, bias) that keeps x, W and s for backward, not W·s."""
+    """conv(x, W·s, bias) that keeps x, W and s for backward, not W·s.
+
+    `forward` takes `ctx` (the older form): with a separate `setup_context`, every call would
+    bind the arguments with `inspect.signature` first, about 100 µs, more than a small
+    block's whole conv and BN. The custom op below registers `save_conv_context` as its own.
+    """
 
     @staticmethod
-    def forward(x, weight, scale, bias, stride, padding, dilation, transposed, output_padding,
-                groups):
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, transposed,
+                output_padding, groups):
         w = scale_weight(weight, scale, transposed, groups)
-        return convolution(x, w, bias, stride, padding, dilation, transposed, output_padding,
-                           groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, scale, bias, *config = inputs
-        ctx.save_for_backward(x, weight, scale)
-        ctx.config = config
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.compute_dtype = output.dtype  # differs from x's under autocast
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        out = convolution(x, w, bias, stride, padding, dilation, transposed, output_padding,
+                          groups)
+        save_conv_context(ctx, (x, weight, scale, bias, stride, padding, dilation, transposed,
+                                output_padding, groups), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.config
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
-        w = scale_weight(weight, scale, transposed, groups)  # recomputed, never stored
+        # Only the input's gradient reads W·s: the weight's reads x and grad_out alone, so a
+        # network's first conv (its input needs no grad) does not recompute it.
+        w = scale_weight(weight, scale, transposed, groups) if need_x else weight
         dtype = ctx.compute_dtype  # backward of autocast's casts: compute as forward did
         # A transposed conv's bias gradient sums naively on CPU (~100x float32's eps off);
         # torch.sum is as accurate as BN's own backward. Plain convs get it from the kernel.
         bias_here = need_b and ctx.bias_sizes is not None and not transposed
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_x, grad_ws, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), x.to(dtype), w.to(dtype), ctx.bias_sizes, stride, padding,
             dilation, transposed, output_padding, groups, [need_x, need_w or need_s, bias_here],
         )
         grad_x = grad_x.to(x.dtype) if grad_x is not None else None
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         if need_b and ctx.bias_sizes is not None and transposed:
             grad_b = grad_out.sum([0] + list(range(2, grad_out.dim())))
         grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
-        grad_weight = scale_weight(grad_w, scale, transposed, groups) if need_w else None
-        grad_scale = channel_sum(grad_w * weight, transposed, groups) if need_s else None
+        grad_weight = grad_scale = None
+        if need_w or need_s:  # ∂W' is ours: W·s's buffer (free now) and ∂W' itself are reused
+            grad_ws = grad_ws.to(weight.dtype)
+            if need_s:
+                grad_scale = channel_dot(grad_ws, weight, transposed, groups,
+                                         scratch=w if need_x else None)
+            if need_w:
+                grad_weight = scale_weight(grad_ws, scale, transposed, groups, out=grad_ws)
         return (grad_x, grad_weight, grad_scale, grad_b) + (None,) * 6
 
 
@@ -98,7 +115,7 @@ conv_scaled_op = torch.library.custom_op("convbn_fx::conv_scaled", _conv_scaled_
                                          mutates_args=())
 conv_scaled_op.register_fake(_conv_scaled_op)
 conv_scaled_op.register_autograd(ConvScaledWeight.backward,
-                                 setup_context=ConvScaledWeight.setup_context)
+                                 setup_context=save_conv_context)
 
 
 def use_custom_op(x: torch.Tensor) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scale_and_shift", "scale_weight", "channel_sum", "fold"]
+__all__ = ["scale_and_shift", "scale_weight", "channel_sum", "channel_dot", "fold"]
 
 
 def scale_and_shift(bias, mean, var, gamma, beta, eps):
@@ -28,15 +28,24 @@ def _group_view(weight: torch.Tensor, groups: int) -> tuple[int, ...]:
 
 
 def scale_weight(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False,
-                 groups: int = 1) -> torch.Tensor:
-    """Multiply a conv (or linear) weight by `scale`, one factor per output channel."""
+                 groups: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Multiply a conv (or linear) weight by `scale`, one factor per output channel.
+
+    `out` is a contiguous weight-shaped tensor to write to (`weight` itself: in place). On a
+    CPU a fresh weight-sized tensor costs more than the multiply (its pages fault in), so
+    backward scales gradients it owns in place.
+    """
     if not transposed:
-        return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        factor = scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        return weight * factor if out is None else torch.mul(weight, factor, out=out)
     spatial = (1,) * (weight.dim() - 2)
     g, cin_g, cout_g = _group_view(weight, groups)
-    scaled = weight.reshape((g, cin_g, cout_g) + weight.shape[2:]) * scale.reshape(
-        (g, 1, cout_g) + spatial)
-    return scaled.reshape(weight.shape)
+    view = (g, cin_g, cout_g) + weight.shape[2:]
+    factor = scale.reshape((g, 1, cout_g) + spatial)
+    if out is not None and out.is_contiguous():
+        torch.mul(weight.reshape(view), factor, out=out.view(view))
+        return out
+    return (weight.reshape(view) * factor).reshape(weight.shape)
 
 
 def channel_sum(t: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
@@ -45,6 +54,14 @@ def channel_sum(t: torch.Tensor, transposed: bool = False, groups: int = 1) -> t
         return t.reshape(t.shape[0], -1).sum(1)
     g, cin_g, cout_g = _group_view(t, groups)
     return t.reshape(g, cin_g, cout_g, -1).sum((1, 3)).reshape(-1)
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor, transposed: bool = False, groups: int = 1,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """`channel_sum(a·b)`: ∂s = Σ ∂W'·W per output channel, the product written to `scratch`
+    (a contiguous weight-shaped tensor no longer needed) when given, else to a new tensor."""
+    product = a * b if scratch is None else torch.mul(a, b, out=scratch)
+    return channel_sum(product, transposed, groups)
 
 
 def fold(weight, bias, mean, var, gamma, beta, eps, transposed: bool = False,

@@ -12,36 +12,41 @@ import torch
 import torch.nn.functional as F
 
 from .conv import needs_grad, use_custom_op
-from .fold import scale_weight
+from .fold import channel_dot, scale_weight
 
-__all__ = ["linear_scaled", "LinearScaledWeight", "linear_scaled_op"]
+__all__ = ["linear_scaled", "LinearScaledWeight", "save_linear_context", "linear_scaled_op"]
+
+
+def save_linear_context(ctx, inputs, output):
+    """What backward needs, saved on `ctx`: the forward's and the custom op's setup_context."""
+    x, weight, scale, bias = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.has_bias = bias is not None
 
 
 class LinearScaledWeight(torch.autograd.Function):
     """linear(x, W·s, bias) that keeps x, W and s for backward, not W·s (as `conv_scaled`)."""
 
     @staticmethod
-    def forward(x, weight, scale, bias):
-        return F.linear(x, scale_weight(weight, scale), bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, scale, bias = inputs
-        ctx.save_for_backward(x, weight, scale)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, scale, bias):  # ctx first: see ConvScaledWeight
+        out = F.linear(x, scale_weight(weight, scale), bias)
+        save_linear_context(ctx, (x, weight, scale, bias), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scale = ctx.saved_tensors
         need_x, need_w, need_s, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_s = grad_b = None
+        w = None
         if need_x:
-            grad_x = grad_out @ scale_weight(weight, scale)  # recomputed, never stored
+            w = scale_weight(weight, scale)  # recomputed, never stored
+            grad_x = grad_out @ w
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_w or need_s:
-            grad_ws = grad_2d.t() @ x.reshape(-1, x.shape[-1])  # gradient of W·s
-            grad_w = scale_weight(grad_ws, scale) if need_w else None
-            grad_s = (grad_ws * weight).sum(1) if need_s else None
+        if need_w or need_s:  # the gradient of W·s is ours, and so is W·s's buffer now
+            grad_ws = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_s = channel_dot(grad_ws, weight, scratch=w) if need_s else None
+            grad_w = scale_weight(grad_ws, scale, out=grad_ws) if need_w else None
         if need_b and ctx.has_bias:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_s, grad_b
@@ -57,7 +62,7 @@ linear_scaled_op = torch.library.custom_op("convbn_fx::linear_scaled", _linear_s
                                            mutates_args=())
 linear_scaled_op.register_fake(_linear_scaled_op)
 linear_scaled_op.register_autograd(LinearScaledWeight.backward,
-                                   setup_context=LinearScaledWeight.setup_context)
+                                   setup_context=save_linear_context)
 
 
 def linear_scaled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

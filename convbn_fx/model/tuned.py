@@ -11,6 +11,7 @@ beyond a GraphModule is one state object (`Tuning`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import sys
@@ -22,6 +23,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..graph.lower import copy_graph
+from ..kernels.choice import explain, recording
 from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
@@ -89,7 +91,10 @@ def _checked_forward(generated):
                     self._check_trace(key, args, kwargs)
                 if key in t.failed:
                     return t.fallback(*args, **kwargs)
-        return generated(self, *args, **kwargs)
+        if torch.compiler.is_compiling():  # nothing is recorded there (and Dynamo sees no
+            return generated(self, *args, **kwargs)  # context variable)
+        with recording(t.paths):  # each per-call block's path, for describe()
+            return generated(self, *args, **kwargs)
 
     return forward
 
@@ -112,6 +117,7 @@ class Tuning:
     trusted: set = field(default_factory=set)   # input signatures the trace computes
     failed: set = field(default_factory=set)    # input signatures it does not compute
     fallback: Callable | None = None    # the module's own forward, for the failed ones
+    paths: dict = field(default_factory=dict)   # block name -> its last call's Choice
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -310,7 +316,13 @@ class TunedGraphModule(torch.fx.GraphModule):
                    "forward does, so it runs unrewritten (its submodules on their own)")
             return [BlockInfo(pre + b.conv, pre + b.bn, b.kind, None, b.reason or why)
                     for b in t.result.blocks]
-        return t.result.infos(prefix)
+        infos = t.result.infos(prefix)
+        for i, (block, per_call) in enumerate(zip(t.result.blocks, t.result.per_call)):
+            choice = t.paths.get(block.bn) if per_call else None
+            if choice is not None:
+                infos[i] = dataclasses.replace(infos[i], path=Mode.TUNE if choice[0] else
+                                               Mode.EVAL, path_reason=explain(choice))
+        return infos
 
     def with_mode(self, mode: ModeArg) -> "TunedGraphModule":
         """A new TunedGraphModule over the same modules, lowered by another mode rule."""

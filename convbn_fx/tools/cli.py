@@ -24,8 +24,7 @@ import torch
 from ..frontends.tune import NOTHING_FOLDS
 from ..vocabulary.errors import BATCH_STATISTICS, TRAINABLE, ConvBNError, ModeError
 from . import measure as measuring
-from .cli_args import (MEASURE_EPILOG, REPORT_EPILOG, batches, modes, non_negative, positive,
-                       shape, size)
+from .arguments import batch_sizes, block_count, input_shape, memory_size, mode_list, positive
 from .fit import fit_batches
 from .measure_table import format_fit_json, format_fit_text
 from .measure_table import format_json as format_measure_json
@@ -41,6 +40,70 @@ EXIT_OK, EXIT_MISSED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 MODES = ("auto", "tune", "deploy", "eval", "train")
 PROGRESS_DELAY = 1.0  # seconds before the progress bar shows: short runs stay quiet
+
+SPEC_HELP = """\
+SPEC is a torchvision model name (resnet50, fasterrcnn_resnet50_fpn), timm/NAME for a timm model
+(timm/efficientnet_b0, built with pretrained=False), hf/MODEL_TYPE for a Hugging Face
+transformers model from its default config (hf/resnet, hf/rt_detr, or a config class:
+hf/DetrConfig), or package.module:callable returning an nn.Module (torchvision.models:resnet18,
+monai.networks.nets:BasicUNet, myproj.models:build); the current directory is on the import
+path. Models are built with random weights: a callable that takes `weights` or
+`weights_backbone` gets None for them.
+"""
+
+REPORT_EPILOG = SPEC_HELP + """
+
+states:
+  finetune  model.train(), then every BN .eval(): transfer learning with frozen BN (default)
+  train     model.train(): BN uses batch statistics, nothing folds
+  eval      model.eval(), parameters still require grad
+  frozen    model.eval() and requires_grad_(False): inference, Deploy folds
+
+exit status: 0 ok, 1 an --expect/--fail-on-skip check failed, 2 bad input, 3 internal error.
+
+example: a CI step that fails when a ResNet-50 block stops folding
+  $ convbn-fx report resnet50 --expect 53 --fail-on-skip
+  convbn-fx report: resnet50 (ResNet)
+
+  state finetune, mode auto, traced whole: 53 blocks, 53 folded, 0 skipped.
+  (a table of blocks per lowering follows; skipped blocks are listed with their reasons)
+  $ echo $?
+  0
+
+more:
+  convbn-fx report fasterrcnn_resnet50_fpn --state frozen --blocks
+  convbn-fx report myproj.models:build --format github >> "$GITHUB_STEP_SUMMARY"
+  convbn-fx report myproj.models:build --format json > convbn-report.json
+"""
+
+MEASURE_EPILOG = SPEC_HELP + """
+For each mode, training steps (--state finetune: model.train() with BN frozen; each step is
+zero_grad(set_to_none=True), forward, backward, SGD with lr=0) or inference steps (--state
+frozen): saved-for-backward MiB; the peak, the tensor memory alive at the highest point of
+the step by category (parameters, gradients, activations, ...; torch's MemTracker, the same
+bytes every run; the input batch is counted); every step's time over interleaved steps
+(median and min-max); each also as a ratio to eval; the rewrite counts; the largest output
+difference to the unrewritten model. Modes: eval (the unrewritten computation, the
+reference), tune (tune_mode(model): what you would write), deploy (deploy_mode: BN folded into
+new weights; for inference, unstable to train).
+
+--estimate runs the same steps on fake tensors: the peak at any batch and input size in
+seconds, without the memory or the compute. It counts tensor memory only: not the CUDA
+caching allocator's reserve or fragmentation, cuDNN workspaces or the CUDA context.
+--fit SIZE searches, on estimates, the largest batch per mode whose peak fits in SIZE.
+
+exit status: 0 ok, 2 bad input or a mode that ran out of memory (the other figures are still
+printed), 3 internal error.
+
+examples:
+  convbn-fx measure resnet50 --batch 8
+  convbn-fx measure resnet50 --batch 64 --estimate
+  convbn-fx measure resnet50 --fit 24GiB --estimate
+  convbn-fx measure timm/efficientnet_b0 --input 8x3x224x224 --modes tune
+  convbn-fx measure resnet50 --sweep-batch 4,8,16,32 --estimate --plot memory.png
+  convbn-fx measure myproj.models:build --state frozen --format json > measure.json
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one sentence on stderr (and still exit status 2)."""
@@ -58,18 +121,18 @@ def _add_measure(commands) -> None:
         epilog=MEASURE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     measure.add_argument("spec", metavar="SPEC", help="torchvision name, timm/NAME, "
                          "hf/MODEL_TYPE or package.module:callable")
-    given = measure.add_argument_group("input (default: --batch 8 --size 224)")
-    given.add_argument("--input", type=shape, metavar="SHAPE",
+    shape = measure.add_argument_group("input (default: --batch 8 --size 224)")
+    shape.add_argument("--input", type=input_shape, metavar="SHAPE",
                        help="the whole input shape, e.g. 8x3x224x224 or 16x3x100 (Conv1d)")
-    given.add_argument("--batch", type=positive, metavar="N", help="batch size (default 8)")
-    given.add_argument("--size", type=positive, metavar="S",
+    shape.add_argument("--batch", type=positive, metavar="N", help="batch size (default 8)")
+    shape.add_argument("--size", type=positive, metavar="S",
                        help="image side: input N x 3 x S x S (default 224)")
-    given.add_argument("--sweep-batch", type=batches, metavar="B,B,...",
+    shape.add_argument("--sweep-batch", type=batch_sizes, metavar="B,B,...",
                        help="measure at each of these batch sizes (memory vs batch)")
     measure.add_argument("--state", choices=list(measuring.MEASURE_STATES), default="finetune",
                          help="finetune: train mode with frozen BN, one SGD step; frozen: "
                               "inference (default: finetune)")
-    measure.add_argument("--modes", type=modes, default=list(measuring.MODES),
+    measure.add_argument("--modes", type=mode_list, default=list(measuring.MODES),
                          metavar="M,M,...",
                          help="modes to measure, of eval,tune,deploy (default: all); eval "
                               "is always measured, as the reference")
@@ -84,7 +147,7 @@ def _add_measure(commands) -> None:
                         help="estimate the peak on fake tensors: any batch and size in seconds, "
                              "nothing timed (tensor memory only: no allocator cache, cuDNN "
                              "workspaces or CUDA context)")
-    memory.add_argument("--fit", type=size, metavar="SIZE",
+    memory.add_argument("--fit", type=memory_size, metavar="SIZE",
                         help="the largest batch per mode whose estimated peak fits in SIZE, "
                              "e.g. 24GiB or 80GB (searches on estimates)")
     memory.add_argument("--process-peak", action="store_true",
@@ -131,10 +194,19 @@ def build_parser(prog: str = "convbn-fx") -> argparse.ArgumentParser:
                              "(default: auto)")
     report.add_argument("--blocks", action="store_true",
                         help="list every block, not only the skipped ones")
+    shape = report.add_argument_group(
+        "input (optional): call the rewritten model once on it, and say which path (Tune or "
+        "Eval) each block auto lowered to Tune took")
+    shape.add_argument("--input", type=input_shape, metavar="SHAPE",
+                       help="the whole input shape, e.g. 2x3x64x64")
+    shape.add_argument("--batch", type=positive, metavar="N",
+                       help="batch size (default 8 with --size)")
+    shape.add_argument("--size", type=positive, metavar="S",
+                       help="image side: input N x 3 x S x S (default 224 with --batch)")
     report.add_argument("--format", choices=list(FORMATS), default="plain",
                         help="plain text, GitHub markdown (for $GITHUB_STEP_SUMMARY) or JSON "
                              "(default: plain)")
-    report.add_argument("--expect", type=non_negative, metavar="N",
+    report.add_argument("--expect", type=block_count, metavar="N",
                         help="exit 1 when fewer than N blocks are folded (Tune or Deploy)")
     report.add_argument("--fail-on-skip", action="store_true",
                         help="exit 1 when any block is skipped (not lowered at all)")
@@ -161,7 +233,7 @@ def _version() -> str:
 def _run_report(args: argparse.Namespace) -> int:
     model = build_model(args.spec)
     try:
-        report = make_report(model, args.spec, args.state, args.mode)
+        report = make_report(model, args.spec, args.state, args.mode, _one_shape(args))
     except ModeError as exc:
         sentence = _forced_mode_sentence(exc, args)
         if sentence is None:
@@ -191,15 +263,22 @@ def _forced_mode_sentence(exc: ModeError, args: argparse.Namespace) -> str | Non
     return None
 
 
-def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
+def _one_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The shape --input or --batch/--size give (their defaults filling in), None for neither."""
     if args.input and (args.batch or args.size):
         raise ConvBNError("--input and --batch/--size both set the input shape; pass one of "
                           "them.")
+    if not (args.input or args.batch or args.size):
+        return None
+    return args.input or (args.batch or 8, 3, args.size or 224, args.size or 224)
+
+
+def _input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
     if args.sweep_batch and args.batch:
         raise ConvBNError("--sweep-batch and --batch both set the batch size; pass one of "
                           "them.")
-    whole = args.input or (args.batch or 8, 3, args.size or 224, args.size or 224)
-    return [(b, *whole[1:]) for b in args.sweep_batch] if args.sweep_batch else [whole]
+    shape = _one_shape(args) or (8, 3, 224, 224)
+    return [(b, *shape[1:]) for b in args.sweep_batch] if args.sweep_batch else [shape]
 
 
 def _check_fit(args: argparse.Namespace) -> tuple[int, ...]:

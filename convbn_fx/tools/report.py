@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections import Counter
 
+import torch
 import torch.nn as nn
 from tabulate import tabulate
 
@@ -20,8 +21,10 @@ from ..model.parts import rewritten_graphs
 from ..model.tree import has_blocks_inside
 from ..model.tuned import TunedGraphModule
 from ..vocabulary.blocks import BlockInfo
+from ..vocabulary.errors import ConvBNError, exception_summary
 from ..vocabulary.modes import Mode
 from .options import SCHEMA_VERSION, STATES, TABLE_FORMATS
+from .steps import example_input
 
 __all__ = ["Report", "make_report", "format_text", "format_json", "LOWERINGS"]
 
@@ -39,6 +42,7 @@ class Report:
     traced_whole: bool          # False: traced in parts (see `parts`)
     parts: list[str]            # qualified names of the rewritten submodules when in parts
     blocks: list[BlockInfo]
+    input: tuple[int, ...] | None = None    # called once on this shape: per-call paths known
 
     @property
     def skipped(self) -> list[BlockInfo]:
@@ -55,6 +59,11 @@ class Report:
         counts.update(skipped=per[None], folded=self.folded, total=len(self.blocks))
         return counts
 
+    def paths(self) -> dict[str, int]:
+        """Blocks per path the call on `input` took (auto's Tune chooses per call)."""
+        per = Counter(b.path for b in self.blocks if b.path is not None)
+        return {m.value: per[m] for m in (Mode.TUNE, Mode.EVAL)}
+
     def failures(self, expect: int | None, fail_on_skip: bool) -> list[str]:
         """One sentence per check that failed."""
         found = []
@@ -67,7 +76,7 @@ class Report:
         return found
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "spec": self.spec,
             "model": self.model,
@@ -80,23 +89,42 @@ class Report:
                         "lowering": b.lowering.value if b.lowering else None,
                         "reason": b.reason} for b in self.blocks],
         }
+        if self.input:  # what one call on the input ran, block by block
+            data.update(input=list(self.input), paths=self.paths())
+            for row, b in zip(data["blocks"], self.blocks):
+                row.update(path=b.path.value if b.path else None, path_reason=b.path_reason)
+        return data
 
 
-def make_report(model: nn.Module, spec: str, state: str = "finetune",
-                mode: str = "auto") -> Report:
+def make_report(model: nn.Module, spec: str, state: str = "finetune", mode: str = "auto",
+                input_shape: tuple[int, ...] | None = None) -> Report:
     """Put `model` in `state` (in place), rewrite it with `mode` and describe the result.
 
-    Raises ConvBNError (ModeError) when a forced mode is invalid for the state.
+    With `input_shape`, the rewritten model is called once on a random input of that shape
+    (autograd on, as in training), so each block also says which path that call took.
+    Raises ConvBNError (ModeError) when a forced mode is invalid for the state, or when the
+    model rejects the input.
     """
     STATES[state](model)
     if has_blocks_inside(model):
         tuned = tune_mode(model, mode)
+        if input_shape is not None:
+            _call_once(tuned, spec, input_shape)
         blocks = describe(tuned)
     else:  # nothing to rewrite: do not ask torch.fx to trace it
         tuned, blocks = None, []
     whole = tuned is None or isinstance(tuned, TunedGraphModule)
     parts = [] if whole else [name for name, _ in rewritten_graphs(tuned)]
-    return Report(spec, type(model).__name__, state, mode, whole, parts, blocks)
+    return Report(spec, type(model).__name__, state, mode, whole, parts, blocks, input_shape)
+
+
+def _call_once(model: nn.Module, spec: str, shape: tuple[int, ...]) -> None:
+    try:
+        with torch.enable_grad():
+            model(example_input(shape))
+    except Exception as exc:
+        raise ConvBNError(f"{spec} does not accept an input of shape "
+                          f"{'x'.join(map(str, shape))} ({exception_summary(exc)}).") from None
 
 
 def _summary(report: Report) -> str:
@@ -104,8 +132,14 @@ def _summary(report: Report) -> str:
     n = len(report.parts)
     traced = "traced whole" if report.traced_whole else \
         f"traced in {n} part{'s' if n != 1 else ''} ({', '.join(report.parts)})"
-    return (f"state {report.state}, mode {report.mode}, {traced}: {c['total']} blocks, "
+    line = (f"state {report.state}, mode {report.mode}, {traced}: {c['total']} blocks, "
             f"{c['folded']} folded, {c['skipped']} skipped.")
+    if report.input:
+        p = report.paths()
+        line += (f"\nOne call on {'x'.join(map(str, report.input))}: {p['tune']} blocks ran "
+                 f"Tune, {p['eval']} Eval (auto's Tune chooses per call: Tune where the conv "
+                 "output is large next to the weight).")
+    return line
 
 
 def format_text(report: Report, fmt: str = "plain", all_blocks: bool = False) -> str:
@@ -127,9 +161,10 @@ def format_text(report: Report, fmt: str = "plain", all_blocks: bool = False) ->
         out += ["", "#### All blocks" if md else "All blocks:", ""]
         rows = [(i, name(b.conv), name(b.bn), name(b.kind),
                  b.lowering.value if b.lowering else "skipped")
+                + ((b.path.value if b.path else "—", b.path_reason or "") if report.input else ())
                 for i, b in enumerate(report.blocks)]
-        out.append(tabulate(rows, headers=["#", "conv", "bn", "kind", "lowering"],
-                            tablefmt=tablefmt))
+        head = ["#", "conv", "bn", "kind", "lowering"] + (["path", "why"] if report.input else [])
+        out.append(tabulate(rows, headers=head, tablefmt=tablefmt))
     return "\n".join(out) + "\n"
 
 

@@ -79,6 +79,7 @@ class Block:
     check_nodes: tuple[torch.fx.Node, ...] = ()  # traced checks the lowering takes over
     training: bool | None = None    # the BN call's own flag (functional calls); None: a module's
     reason: str | None = None       # why it is not folded; None when foldable
+    per_call: bool = False          # lowered by auto's TUNE: Tune or Eval chosen on each call
 
     @property
     def foldable(self) -> bool:
@@ -107,6 +108,10 @@ class BlockInfo:
     kind: str                   # e.g. "Conv2d+BatchNorm2d"
     lowering: Mode | None       # the lowering in effect now; None when not folded
     reason: str | None          # why the block is left as it is, else None
+    # auto's TUNE chooses per call (kernels/choice.py): what the last call ran, TUNE or EVAL,
+    # and why; None when the block does not choose or has not been called since.
+    path: Mode | None = None
+    path_reason: str | None = None
 
     @property
     def folded(self) -> bool:
