@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import convbn_fx
+from convbn_fx.kernels import choice
 from convbn_fx.tools.testing import compare_to_float64
 
 from .zoo_models import (  # noqa: F401
@@ -229,12 +230,33 @@ def _count(result: ZooResult, infos, pairs) -> dict:
     return skipped
 
 
+@contextlib.contextmanager
+def every_call_folds():
+    """Blocks `auto` lowered to Tune fold on every call, whatever the sizes.
+
+    The sweep checks the fold itself; at its small inputs the per-call rule
+    (kernels/choice.py) would run most blocks as Eval, exact by construction.
+    """
+    saved = choice.WEIGHT_COST, choice.CALL_COST
+    choice.WEIGHT_COST, choice.CALL_COST = 0.0, 0
+    try:
+        yield
+    finally:
+        choice.WEIGHT_COST, choice.CALL_COST = saved
+
+
 def check(name: str, build: Callable[[], nn.Module], x: torch.Tensor, numerics: bool = True,
           explain: bool = False, calibrated: bool = False) -> ZooResult:
     """Sweep one model: pairs, folded blocks, the rewritten output, the float64 checks.
 
     `calibrated`: norm statistics calibrated on `x`, then perturbed (see `prepare`).
     """
+    with every_call_folds():
+        return _check(name, build, x, numerics, explain, calibrated)
+
+
+def _check(name: str, build: Callable[[], nn.Module], x: torch.Tensor, numerics: bool,
+           explain: bool, calibrated: bool) -> ZooResult:
     result, stage = ZooResult(name), "build"
     start = time.perf_counter()
     try:
