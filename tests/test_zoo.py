@@ -92,7 +92,6 @@ def test_zoo_model_is_exact_full(name):
 
 # ---------------------------------------------------------------------------- Hugging Face
 
-HF_NOT_EXACT: dict[str, str] = {}
 HF_LOSES_PAIRS = {
     "segformer": "SegformerDecodeHead, the only module holding its one pair, does not "
                  "trace (it iterates over its list argument, a Proxy): tune_mode warns and "
@@ -104,7 +103,7 @@ HF_LOSES_PAIRS = {
 }
 
 
-@pytest.mark.parametrize("name", _marked(HF_QUICK, HF_NOT_EXACT))
+@pytest.mark.parametrize("name", HF_QUICK)
 def test_hf_model_is_exact(name):
     _assert_exact(_entry("hf", name))
 
@@ -119,8 +118,7 @@ def test_hf_zoo_folds_95_percent_of_pairs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _marked([e.name for e in HF if e.name not in HF_QUICK],
-                                          HF_NOT_EXACT))
+@pytest.mark.parametrize("name", [e.name for e in HF if e.name not in HF_QUICK])
 def test_hf_model_is_exact_full(name, request):
     _only_with_m_slow(request)
     _assert_exact(_entry("hf", name))
@@ -128,16 +126,12 @@ def test_hf_model_is_exact_full(name, request):
 
 # ----------------------------------------------------------------------------------- MONAI
 
-MONAI_NOT_EXACT: dict[str, str] = {}
-MONAI_LOSES_PAIRS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("name", _marked(MONAI_QUICK, MONAI_NOT_EXACT))
+@pytest.mark.parametrize("name", MONAI_QUICK)
 def test_monai_model_is_exact(name):
     _assert_exact(_entry("monai", name))
 
 
-@pytest.mark.parametrize("name", _marked(MONAI_QUICK, MONAI_LOSES_PAIRS))
+@pytest.mark.parametrize("name", MONAI_QUICK)
 def test_monai_model_folds_every_pair(name):
     _assert_folds_every_pair(_entry("monai", name))
 
@@ -159,8 +153,7 @@ def test_monai_basicunet_output_is_the_plain_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _marked([e.name for e in MONAI if e.name not in MONAI_QUICK],
-                                          MONAI_NOT_EXACT))
+@pytest.mark.parametrize("name", [e.name for e in MONAI if e.name not in MONAI_QUICK])
 def test_monai_model_is_exact_full(name, request):
     _only_with_m_slow(request)
     _assert_exact(_entry("monai", name))
