@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     devs = compare_to_float64(BackboneAndRPN(reference, args.seed),
                               BackboneAndRPN(tuned, args.seed), (images, boxes, labels))
     outs = [d for d in devs if not d.name.startswith("grad")]
-    grads = [d for d in devs if d.name.startswith("grad")]
     bad = [d for d in outs if not d.ok]
     print(f"backbone+RPN vs float64: {len(outs) - len(bad)} of {len(outs)} outputs (FPN "
           f"levels, RPN losses) within 2x the float32 model's error")
