@@ -11,9 +11,13 @@ point of the grid, one fine-tuning SGD step (train mode, BN frozen, one torch th
     forced  convbn_fx.tune_mode(m, "tune"): every block folds on every call
     deploy  convbn_fx.deploy_mode(m): BN folded into new conv parameters
 
-Figures: step time (median of interleaved steps, the variants in turn) as ratios, and the
-bytes autograd saves for backward (deterministic). `forced`/`eval` is the raw crossover the
-rule is calibrated on; `tune`/`eval` must stay ≤ 1.05 everywhere.
+Figures: step time as ratios, and the bytes autograd saves for backward (deterministic).
+Each step time is the fastest of interleaved steps (the variants in turn), as many as fit a
+time budget per point: on one thread a step's CPU time only grows by what disturbs it (a
+neighbour's cache traffic, an allocation's page faults), so the fastest is the least
+disturbed, and a point of 20 ms steps gets 40 of them where a median of 5 moved by ±10 %.
+`forced`/`eval` is the raw crossover the rule is calibrated on; `tune`/`eval` must stay
+≤ 1.05 everywhere.
 
     python -m bench.crossover                 # the grid; writes its section of RESULTS.md
     python -m bench.crossover --quick         # a corner of it (a smoke run)
@@ -39,7 +43,7 @@ from tabulate import tabulate
 import convbn_fx
 from convbn_fx.kernels import choice
 from convbn_fx.tools import measure
-from convbn_fx.tools.meters import interleaved_medians
+from convbn_fx.tools.meters import interleaved_times
 from convbn_fx.tools.testing import finetune_state, randomize_bn
 
 from .report import header, progress, write_section
@@ -50,6 +54,7 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 VARIANTS = ("eval", "tune", "forced", "deploy")
 BATCHES, SIZES = (1, 2, 8, 16), (32, 64, 128, 224)
 QUICK_MODELS, QUICK_BATCHES, QUICK_SIZES = ("resnet18", "mobilenet_v3_large"), (2, 8), (64, 128)
+MIN_REPEATS, MAX_REPEATS = 5, 40
 MiB = 2 ** 20
 
 
@@ -60,9 +65,10 @@ class Point:
     model: str
     batch: int
     size: int
-    ms: dict[str, float]        # median step, per variant
+    ms: dict[str, float]        # fastest step, per variant
     saved: dict[str, float]     # MiB kept for backward, per variant
     paths: dict[str, int]       # auto's blocks per path on this input: tune, eval
+    repeats: int = 0            # timed steps per variant
 
     def ratio(self, a: str, b: str, of: str = "ms") -> float:
         values = getattr(self, of)
@@ -92,27 +98,35 @@ def paths_taken(tuned: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 
 def measure_point(name: str, nets: dict[str, nn.Module], batch: int, size: int,
-                  repeats: int, clock=time.process_time) -> Point:
+                  budget: float, clock=time.process_time, repeats: int | None = None) -> Point:
+    """Every variant at one input: `repeats` timed steps each, or as many as fit `budget`
+    seconds (between MIN_REPEATS and MAX_REPEATS)."""
     x = measure.example_input((batch, 3, size, size))
     saved = {v: measure.saved_bytes(net, x) / MiB for v, net in nets.items()}
     steps = {v: measure.training_step(net, x) for v, net in nets.items()}
-    times = interleaved_medians(steps, repeats=repeats, warmup=1, before=gc.collect,
-                                clock=clock)
+    steps["eval"]()  # the first step allocates what later ones reuse
+    start = clock()
+    steps["eval"]()
+    each = max(clock() - start, 1e-4)
+    if repeats is None:
+        repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(budget / (each * len(steps)))))
+    times = interleaved_times(steps, repeats=repeats, warmup=1, before=gc.collect, clock=clock)
     paths = paths_taken(nets["tune"], x)
-    point = Point(name, batch, size, {v: t * 1e3 for v, t in times.items()}, saved, paths)
+    point = Point(name, batch, size, {v: min(t) * 1e3 for v, t in times.items()}, saved, paths,
+                  repeats)
     progress(f"{name} {batch}x3x{size}x{size}: Tune/Eval {point.ratio('tune', 'eval'):.2f}, "
              f"forced/Eval {point.ratio('forced', 'eval'):.2f}, Tune/Deploy "
              f"{point.ratio('tune', 'deploy'):.2f}, saved Tune/Eval "
              f"{point.ratio('tune', 'eval', 'saved'):.2f} ({paths['tune']} Tune, "
-             f"{paths['eval']} Eval)")
+             f"{paths['eval']} Eval; {repeats} steps each)")
     return point
 
 
 def grid_table(points: list[Point]) -> str:
-    head = ["model", "input", "Tune/Eval blocks", "Eval ms", "Tune ×Eval", "forced ×Eval",
-            "Tune ×Deploy", "saved Tune ×Eval", "×Deploy", "forced saved ×Eval"]
+    head = ["model", "input", "Tune/Eval blocks", "steps", "Eval ms", "Tune ×Eval",
+            "forced ×Eval", "Tune ×Deploy", "saved Tune ×Eval", "×Deploy", "forced saved ×Eval"]
     rows = [[p.model, f"{p.batch}×{p.size}²", f"{p.paths['tune']}/{p.paths['eval']}",
-             f"{p.ms['eval']:.1f}", f"{p.ratio('tune', 'eval'):.2f}",
+             p.repeats, f"{p.ms['eval']:.1f}", f"{p.ratio('tune', 'eval'):.2f}",
              f"{p.ratio('forced', 'eval'):.2f}", f"{p.ratio('tune', 'deploy'):.2f}",
              f"{p.ratio('tune', 'eval', 'saved'):.2f}",
              f"{p.ratio('tune', 'deploy', 'saved'):.2f}",
@@ -178,7 +192,11 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS)
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--sizes", type=int, nargs="+")
-    parser.add_argument("--repeats", type=int, help="timed steps per variant (default 5)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed steps per variant (default: as many as fit --budget)")
+    parser.add_argument("--budget", type=float, default=12.0,
+                        help="seconds of timed steps per point, all variants (default 12; "
+                             f"{MIN_REPEATS} to {MAX_REPEATS} steps each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="time steps by this process's CPU time (default: with one thread "
@@ -197,12 +215,13 @@ def main(argv=None) -> None:
     models = args.models or (QUICK_MODELS if args.quick else MODELS)
     batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    repeats = args.repeats or (3 if args.quick else 5)
+    budget = args.budget / 3 if args.quick else args.budget
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     start, points = time.perf_counter(), []
     for name in models:
         nets = variants(build(name))
-        points += [measure_point(name, nets, b, s, repeats, clock) for b in batches for s in sizes]
+        points += [measure_point(name, nets, b, s, budget, clock, args.repeats)
+                   for b in batches for s in sizes]
         del nets
         gc.collect()
     if args.plot:
@@ -214,7 +233,8 @@ def main(argv=None) -> None:
                                                          sys.argv[1:]))
     text = "\n".join(["## When Tune pays: the Tune/Eval crossover", "", header(command),
                       f"One SGD step, fine-tuning state, {args.threads} thread(s), {args.clock} "
-                      f"clock: median of {repeats} interleaved steps per variant. Rule "
+                      f"clock: the fastest of the interleaved steps per variant (`steps` of "
+                      f"each, {budget:g} s of steps per point). Rule "
                       f"(WEIGHT_COST, CALL_COST, KEEP_LIMIT): {_rule()}. "
                       f"{time.perf_counter() - start:.0f} s.", "", grid_table(points), ""]
                      + summary(points))

@@ -175,3 +175,84 @@ def test_torch_compile_specialises_each_size_and_stays_exact():
     for shape in (SMALL, LARGE, SMALL):
         assert_algebra(model, compiled, tuned, _input(shape))
     assert all(i.path is None for i in convbn_fx.describe(tuned))  # nothing recorded there
+
+
+def _graph_runs(monkeypatch) -> list:
+    """Each per-call block's decision, as the kernels record it: empty while a call runs the
+    module's own forward rather than the rewritten graph."""
+    from convbn_fx.kernels import blocks
+
+    seen: list = []
+    real = blocks.record
+    monkeypatch.setattr(blocks, "record", lambda name, *a: (seen.append(name), real(name, *a)))
+    return seen
+
+
+def test_a_call_that_folds_nothing_runs_the_forward_itself(monkeypatch):
+    """Once a signature ran the graph without folding, it runs the module's forward: the same
+    values, none of the graph's per-block dispatch. Sizes, the autograd flag and state are
+    part of the signature, and describe() still reports the paths."""
+    model = _model()
+    tuned = convbn_fx.tune_mode(model)
+    seen = _graph_runs(monkeypatch)
+    small, large = _input(SMALL), _input(LARGE)
+    torch.testing.assert_close(tuned(small), model(small), rtol=0, atol=0)
+    assert seen == ["bn1", "bn2", "bn3"]          # the graph ran, every block chose Eval
+    seen.clear()
+    torch.testing.assert_close(tuned(small), model(small), rtol=0, atol=0)
+    assert seen == []                              # the forward itself
+    assert [p for _, _, p in _paths(tuned)] == [Mode.EVAL] * 3
+    tuned(large)
+    assert seen == ["bn1", "bn2", "bn3"] and _paths(tuned)[0][2] is Mode.TUNE
+    seen.clear()
+    tuned(large)                                   # it folds: the graph, every call
+    assert seen == ["bn1", "bn2", "bn3"]
+    seen.clear()
+    tuned(small)
+    assert seen == [] and _paths(tuned)[0][2] is Mode.EVAL
+    with torch.no_grad():
+        tuned(small)                               # another signature: the graph once
+    assert seen == ["bn1", "bn2", "bn3"]
+    seen.clear()
+    model.bn1.train()                              # new lowerings: the record is dropped
+    tuned(small)
+    assert seen == ["bn2", "bn3"]                  # bn1 normalises by batch statistics
+    seen.clear()
+    tuned(small)
+    assert seen == []
+    assert_algebra(model, tuned, tuned, small)
+
+
+def test_the_forward_itself_is_not_taken_where_a_block_always_folds():
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+    forced = convbn_fx.tune_mode(model, lambda info: Mode.TUNE if info.bn == "bn2" else None)
+    x = _input(SMALL)
+    for _ in range(2):
+        with Calls() as calls:
+            forced(x)
+        assert calls.names.count("rsqrt") == 1      # bn2's fold: the graph, on every call
+    assert_algebra(model, forced, forced, x)
+
+
+def test_checkpointing_recomputes_across_the_switch_to_the_forward():
+    """Non-reentrant checkpointing recomputes in backward: the first forward ran the graph,
+    the recomputation runs the module's forward; it checks they saved the same tensors."""
+    model = _model()
+    tuned = convbn_fx.tune_mode(model)
+    x = _input(SMALL)
+    loss = torch.utils.checkpoint.checkpoint(tuned, x, use_reentrant=False).sum()
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-12, atol=1e-12)

@@ -133,3 +133,30 @@ def test_policy_error_is_not_swallowed():
     model = finetune_state(randomize_bn(TwoParts()))
     with pytest.raises(KeyError):
         convbn_fx.tune_mode(model, lambda info: known[info.bn])
+
+
+def test_a_forward_the_trace_gets_wrong_follows_the_training_flag(caplog):
+    """A root whose trace takes a wrong branch runs its own forward (verify.py); that forward
+    reads the flag of the model as it is now, not as it was when the check failed."""
+    class FlagNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, flip=None):
+            x = self.bn(self.conv(x))
+            if flip is not None:       # a Proxy when traced: the wrong branch, silently
+                x = x.flip(-1)
+            return x * 2 if self.training else x
+
+    model = FlagNet().eval()
+    tuned = convbn_fx.tune_mode(model)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(tuned(x), model(x))
+    assert "computes something else" in caplog.text
+    for flag in (True, False, True):
+        tuned.train(flag)
+        model.train(flag)
+        model.bn.eval()
+        tuned.bn.eval()
+        torch.testing.assert_close(tuned(x), model(x))

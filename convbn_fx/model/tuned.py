@@ -29,6 +29,7 @@ from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
 from .pickling import PickledTuning, PortableGraph, new_instance, reduced
 from .verify import agree, call_key
+from .unfolded import folded_nothing, graph_may_be_plain
 from .watch import StateKey, Watch
 
 __all__ = ["TunedGraphModule", "Tuning", "Retrace"]
@@ -79,22 +80,33 @@ def _call_checked(self, *args, **kwargs):
 
 
 def _checked_forward(generated):
-    """The generated forward, run only for inputs whose trace was checked (verify.py)."""
+    """The generated forward, run only for inputs whose trace was checked (verify.py), and
+    only for calls that fold something (unfolded.py); else the module's own forward."""
 
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):
         t = self.__dict__["_convbn"]
-        key = call_key(args, kwargs) if t.verify and t.source is not None else None
+        key = call_key(args, kwargs) if t.source is not None else None
         if key is not None:
-            if key not in t.trusted:
+            if t.verify and key not in t.trusted:
                 if key not in t.failed:
                     self._check_trace(key, args, kwargs)
                 if key in t.failed:
-                    return t.fallback(*args, **kwargs)
+                    return self._own_forward(args, kwargs)
+            key = (key, torch.is_grad_enabled())
+            choices = t.plain.get(key)
+            if choices is not None:  # this signature folded nothing when it ran the graph
+                t.paths.update(choices)
+                return self._own_forward(args, kwargs)
         if torch.compiler.is_compiling():  # nothing is recorded there (and Dynamo sees no
             return generated(self, *args, **kwargs)  # context variable)
-        with recording(t.paths):  # each per-call block's path, for describe()
-            return generated(self, *args, **kwargs)
+        choices = {}
+        with recording(choices):  # each per-call block's path, for describe()
+            out = generated(self, *args, **kwargs)
+        t.paths.update(choices)
+        if key is not None and folded_nothing(choices) and graph_may_be_plain(t.result):
+            t.plain[key] = choices
+        return out
 
     return forward
 
@@ -116,8 +128,9 @@ class Tuning:
     split: Split | None = None          # how to rewrite the children alone (trace mismatch)
     trusted: set = field(default_factory=set)   # input signatures the trace computes
     failed: set = field(default_factory=set)    # input signatures it does not compute
-    fallback: Callable | None = None    # the module's own forward, for the failed ones
+    split_done: bool = False            # the children were rewritten on their own (`split`)
     paths: dict = field(default_factory=dict)   # block name -> its last call's Choice
+    plain: dict = field(default_factory=dict)   # (signature, grad) -> Choices, folding nothing
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -171,7 +184,7 @@ class TunedGraphModule(torch.fx.GraphModule):
             now = t.watch.read()
             if t.retrace is not None and t.source is not None and now.needs_retrace(old):
                 t.template, reuse = self._retrace(), None
-                t.trusted, t.failed = set(), set()  # a new graph: checked again
+                t.trusted, t.failed, t.plain = set(), set(), {}  # a new graph: checked again
             elif now.hooks != old.hooks or now.registry != old.registry:
                 reuse = None  # match again: hooks change the reasons, lowerings changed
         if reuse is None:
@@ -181,7 +194,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         if t.watch is None:
             t.watch = Watch.of(self, t.template, result.blocks, t.source)
         if result is not t.result:
-            t.result = result
+            t.result, t.plain = result, {}
             self.graph = result.graph
             log.debug("%s relowered: %s", type(self).__name__, result.lowerings)
         t.key = t.watch.read()
@@ -222,13 +235,17 @@ class TunedGraphModule(torch.fx.GraphModule):
                     "input (a branch taken on a traced value: isinstance, a flag, a shape); it "
                     "runs its own forward for such inputs, with its submodules rewritten on "
                     "their own", t.prefix or type(t.source).__name__)
-        if t.fallback is None:
-            if t.split is not None:
-                t.split(view, t.rule, t.prefix)
-                # The graph reads the same parameters through the parts: nothing to retrace.
-                t.watch = Watch.of(self, t.template, t.result.blocks, t.source)
-                t.key = t.watch.read()
-            t.fallback = functools.partial(type(view).forward, view)
+        if t.split is not None and not t.split_done:
+            t.split(view, t.rule, t.prefix)
+            t.split_done = True
+            # The graph reads the same parameters through the parts: nothing to retrace.
+            t.watch = Watch.of(self, t.template, t.result.blocks, t.source)
+            t.key = t.watch.read()
+
+    def _own_forward(self, args: tuple, kwargs: dict):
+        """The source's forward over this module's children (and its training flag now)."""
+        view = self._view()
+        return type(view).forward(view, *args, **kwargs)
 
     def recompile(self):
         code = super().recompile()
@@ -279,7 +296,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         return body, PickledTuning(t.rule, t.prefix, None if in_part else t.source, in_part,
                                    t.untraceable, t.retrace, PortableGraph.of(t.template),
                                    type(self).__name__, t.verify, t.split,
-                                   split_done=t.fallback is not None and t.split is not None)
+                                   split_done=t.split_done)
 
     def __setstate__(self, state):
         body, saved = state
@@ -289,9 +306,8 @@ class TunedGraphModule(torch.fx.GraphModule):
                                           frozenset(saved.untraceable), saved.retrace,
                                           saved.template.build(), verify=saved.verify,
                                           split=saved.split)
-        if saved.split_done:  # the children are parts already: a failed check only falls back
-            view = self._view()
-            self.__dict__["_convbn"].fallback = functools.partial(type(view).forward, view)
+        # The children are parts already when split_done: a failed check only falls back.
+        self.__dict__["_convbn"].split_done = saved.split_done
         self._relower()  # for the state the model is in now, as after any state change
 
     def take_over(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
