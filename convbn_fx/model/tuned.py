@@ -28,8 +28,8 @@ from ..graph.tune_graph import TuneResult, tune_graph
 from ..vocabulary.blocks import BlockInfo
 from ..vocabulary.modes import Mode, ModeArg
 from .pickling import PickledTuning, PortableGraph, new_instance, reduced
-from .verify import agree, call_key
 from .unfolded import folded_nothing, graph_may_be_plain
+from .verify import agree, call_key
 from .watch import StateKey, Watch
 
 __all__ = ["TunedGraphModule", "Tuning", "Retrace"]
