@@ -104,7 +104,7 @@ def _checked_forward(generated):
         with recording(choices):  # each per-call block's path, for describe()
             out = generated(self, *args, **kwargs)
         t.paths.update(choices)
-        if key is not None and folded_nothing(choices) and graph_may_be_plain(t.result):
+        if key is not None and t.may_be_plain and folded_nothing(choices):
             t.plain[key] = choices
         return out
 
@@ -131,6 +131,7 @@ class Tuning:
     split_done: bool = False            # the children were rewritten on their own (`split`)
     paths: dict = field(default_factory=dict)   # block name -> its last call's Choice
     plain: dict = field(default_factory=dict)   # (signature, grad) -> Choices, folding nothing
+    may_be_plain: bool = False          # graph_may_be_plain(result), kept with it
 
 
 class TunedGraphModule(torch.fx.GraphModule):
@@ -194,7 +195,7 @@ class TunedGraphModule(torch.fx.GraphModule):
         if t.watch is None:
             t.watch = Watch.of(self, t.template, result.blocks, t.source)
         if result is not t.result:
-            t.result, t.plain = result, {}
+            t.result, t.plain, t.may_be_plain = result, {}, graph_may_be_plain(result)
             self.graph = result.graph
             log.debug("%s relowered: %s", type(self).__name__, result.lowerings)
         t.key = t.watch.read()
