@@ -26,13 +26,9 @@ _UNFOLDED = (None, Mode.EVAL, Mode.TRAIN)
 def graph_may_be_plain(result: TuneResult) -> bool:
     """Every block's lowering computes what its modules do, or chooses per call."""
     return all(mode in _UNFOLDED or per_call
-               for mode, per_call in zip(result.lowerings, _padded(result)))
+               for mode, per_call in zip(result.lowerings, result.per_call, strict=True))
 
 
 def folded_nothing(choices: dict) -> bool:
     """No per-call block folded in the call that recorded `choices` (kernels/choice.py)."""
     return not any(choice[0] for choice in choices.values())
-
-
-def _padded(result: TuneResult) -> list[bool]:
-    return list(result.per_call) + [False] * (len(result.lowerings) - len(result.per_call))
